@@ -1,0 +1,30 @@
+"""DeepSeek-V4 for Hugging Face transformers: `import modeling_deepseek_v4` registers the plugin's own
+`model_type` ("deepseek_v4_ext") with `AutoConfig`, `AutoModel` and `AutoModelForCausalLM`.
+
+transformers' native `deepseek_v4` is never touched: our config class is registered under our own model type,
+and the model classes are keyed by our config class object (hf-integration.md §2). Registration is idempotent, so
+the pip package and a Hub copy of these files can both be imported in one process.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .cache import DeepseekV4Cache
+from .configuration_deepseek_v4 import DeepseekV4Config
+from .modeling_deepseek_v4 import DeepseekV4ForCausalLM, DeepseekV4Model, DeepseekV4PreTrainedModel
+from .ops import use_backend
+
+__version__ = "0.1.0"
+
+AutoConfig.register(DeepseekV4Config.model_type, DeepseekV4Config, exist_ok=True)
+# exist_ok: the class *name* DeepseekV4Config is also native's; the mapping key is our own class object.
+AutoModel.register(DeepseekV4Config, DeepseekV4Model, exist_ok=True)
+AutoModelForCausalLM.register(DeepseekV4Config, DeepseekV4ForCausalLM, exist_ok=True)
+
+__all__ = [
+    "DeepseekV4Cache",
+    "DeepseekV4Config",
+    "DeepseekV4ForCausalLM",
+    "DeepseekV4Model",
+    "DeepseekV4PreTrainedModel",
+    "use_backend",
+]

@@ -1,0 +1,148 @@
+"""DeepSeek-V4 hybrid attention (tech report §2.3; official `inference/model.py`, `Attention`).
+
+Every layer: low-rank query path (`q_a_proj` -> `q_a_norm` -> `q_b_proj` -> per-head unweighted RMSNorm), one
+shared K = V head (`kv_proj` -> `kv_norm`, MQA), partial interleaved RoPE, a 128-token sliding window, a per-head
+sink in the softmax denominator, inverse RoPE on the output and the grouped low-rank output projection
+(`o_a_proj` per group of heads, then `o_b_proj`). CSA layers add the top-k compressed entries picked by the
+lightning indexer; HCA layers add every causal compressed entry.
+
+Memory-bounded by construction: `sparse_attention` walks query chunks over a key band, never an S x S mask
+(deviation from native transformers' dense masks, forward-math.md §10 row 16). Names match the native port.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .cache import DeepseekV4LayerCache
+from .compressor import DeepseekV4CSACompressor, DeepseekV4HCACompressor
+from .hyper_connection import DeepseekV4RMSNorm
+from .ops import rms_norm, sparse_attention
+from .rope import BatchMeta, apply_rope
+
+
+class DeepseekV4GroupedLinear(nn.Module):
+    """Grouped output projection `o_a_proj` (tech report §2.3.1 "Grouped Output Projection").
+
+    `weight [g * d_g, H * D / g]` like the native port, but deliberately *not* an `nn.Linear`: group j maps the
+    j-th slice of consecutive heads with rows `[j * d_g, (j + 1) * d_g)`, and a PEFT LoRA that treated it as one
+    dense Linear would mix groups (hf-integration.md §8). Target it with PEFT `target_parameters`.
+    """
+
+    def __init__(self, in_features_per_group: int, out_features: int, n_groups: int):
+        super().__init__()
+        self.in_features = in_features_per_group
+        self.out_features = out_features
+        self.n_groups = n_groups
+        self.weight = nn.Parameter(torch.empty(out_features, in_features_per_group))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x `[..., g, H * D / g]` -> `[..., g * d_g]`."""
+        w = self.weight.view(self.n_groups, -1, self.in_features)
+        return torch.einsum("...gi,goi->...go", x, w).flatten(-2)
+
+    def extra_repr(self) -> str:
+        return f"groups={self.n_groups}, in_per_group={self.in_features}, out={self.out_features}"
+
+
+def _last_valid_window(keys: torch.Tensor, lengths: torch.Tensor, n_cached: int, keep: int) -> torch.Tensor:
+    """The `keep` keys before each row's first pad: `keys [B, P + S, D]` -> `[B, keep, D]`."""
+    end = (lengths + n_cached).unsqueeze(1)
+    index = (end - keep + torch.arange(keep, device=keys.device)).clamp(min=0)
+    return torch.gather(keys, 1, index.unsqueeze(-1).expand(-1, -1, keys.shape[-1]))
+
+
+class DeepseekV4Attention(nn.Module):
+    """One attention layer; `compress_ratio` 0 = sliding only, CSA rate = CSA, HCA rate = HCA."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        ratio = config.layer_compress_ratio(layer_idx)
+        csa_rate = config.compress_rates["compressed_sparse_attention"]
+        self.layer_type = (
+            "sliding_attention"
+            if ratio == 0
+            else "compressed_sparse_attention"
+            if ratio == csa_rate
+            else "heavily_compressed_attention"
+        )
+        self.rope_type = "main" if ratio == 0 else "compress"
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.sliding_window = config.sliding_window
+        self.scaling = self.head_dim**-0.5
+        self.eps = config.rms_norm_eps
+        self.chunk = config.attn_chunk_size
+        self.backend = config.ops_backend
+        self.o_groups = config.o_groups
+
+        self.q_a_proj = nn.Linear(config.hidden_size, config.q_lora_rank, bias=False)
+        self.q_a_norm = DeepseekV4RMSNorm(config.q_lora_rank, eps=config.rms_norm_eps)
+        self.q_b_proj = nn.Linear(config.q_lora_rank, self.num_heads * self.head_dim, bias=False)
+        self.kv_proj = nn.Linear(config.hidden_size, self.head_dim, bias=False)
+        self.kv_norm = DeepseekV4RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.o_a_proj = DeepseekV4GroupedLinear(
+            self.num_heads * self.head_dim // config.o_groups, config.o_groups * config.o_lora_rank, config.o_groups
+        )
+        self.o_b_proj = nn.Linear(config.o_groups * config.o_lora_rank, config.hidden_size, bias=False)
+        self.sinks = nn.Parameter(torch.empty(self.num_heads))
+        if self.layer_type == "compressed_sparse_attention":
+            self.compressor = DeepseekV4CSACompressor(config)
+        elif self.layer_type == "heavily_compressed_attention":
+            self.compressor = DeepseekV4HCACompressor(config)
+        else:
+            self.compressor = None
+
+    def forward(self, x: torch.Tensor, meta: BatchMeta, cache: DeepseekV4LayerCache | None = None) -> torch.Tensor:
+        """x `[B, S, d]` (compacted batch, see `BatchMeta`) -> `[B, S, d]`; updates `cache` in place."""
+        b, s, _ = x.shape
+        cos, sin = meta.rope[self.rope_type]
+        q_residual = self.q_a_norm(self.q_a_proj(x))
+        q = self.q_b_proj(q_residual).view(b, s, self.num_heads, self.head_dim)
+        q = apply_rope(rms_norm(q, None, self.eps), cos, sin)
+        kv = apply_rope(self.kv_norm(self.kv_proj(x)), cos, sin)
+
+        keys = kv
+        if cache is not None:
+            prior = cache.window_kv
+            if prior is None:
+                prior = kv.new_zeros(b, self.sliding_window - 1, self.head_dim)
+            keys = torch.cat([prior.to(kv.dtype), kv], dim=1)
+            cache.window_kv = _last_valid_window(keys, meta.lengths, prior.shape[1], self.sliding_window - 1)
+            cache.is_initialized = True
+
+        compressed, topk_idx, ratio = None, None, 0
+        if self.compressor is not None:
+            ratio = self.compressor.compress_rate
+            compressed = self.compressor.compress(x, meta, self._state(cache, "compressor", self.compressor, x))
+            if self.layer_type == "compressed_sparse_attention":
+                indexer = self.compressor.indexer
+                topk_idx = indexer(x, q_residual, meta, self._state(cache, "indexer", indexer, x))
+
+        out = sparse_attention(
+            q,
+            keys,
+            meta.start,
+            self.sliding_window,
+            self.sinks,
+            self.scaling,
+            compressed,
+            ratio,
+            topk_idx,
+            self.chunk,
+            backend=self.backend,
+        )
+        out = apply_rope(out, cos, sin, inverse=True)
+        out = self.o_a_proj(out.reshape(b, s, self.o_groups, -1))
+        return self.o_b_proj(out)
+
+    @staticmethod
+    def _state(cache: DeepseekV4LayerCache | None, name: str, compressor, x: torch.Tensor):
+        """The cached streaming state of `compressor` (created on first use), or None without a cache."""
+        if cache is None:
+            return None
+        if name not in cache.states:
+            cache.states[name] = compressor.new_state(x)
+        return cache.states[name]

@@ -1,0 +1,159 @@
+"""KV compressors and the lightning indexer (DeepSeek-V4 tech report §2.3.1-2.3.2; official `inference/model.py`,
+`Compressor` and `Indexer`).
+
+- HCA compressor: every m (128) tokens of a row pool into one entry, softmax-gated per channel.
+- CSA compressor: width 2D; entry i pools the Ca halves of window i - 1 with the Cb halves of window i (2m slots).
+- Indexer (CSA only): its own CSA compressor at `index_head_dim` gives the keys; queries score entries with
+  `sum_h w_h relu(q_h . K_s)` and keep the top-k causal ones (lowest index first among ties).
+
+One streaming code path serves prefill, chunked prefill and decode: each call window-aligns the row's buffered
+partial window with its new real tokens (per row, so left-padded rows align to their own positions and pads never
+enter a window), pools every window, writes the entries at their absolute index, and keeps the remainder. Entries
+of windows that are not complete yet are garbage but never visible: query t only sees entries s < (t + 1) // m,
+and the next call recomputes that window. Projections, softmax and pooling run in fp32 (reference precision).
+Parameter names match transformers' native port (`kv_proj`, `gate_proj`, `position_bias`, `kv_norm`,
+`indexer.q_b_proj`, `indexer.scorer.weights_proj`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import CompressorState
+from .hyper_connection import DeepseekV4RMSNorm
+from .ops import compress_pool, indexer_topk
+from .rope import BatchMeta, apply_rope
+
+
+def _gather_rows(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`src [B, L, w]` gathered along dim 1 with `index [B, A]` -> `[B, A, w]`."""
+    return torch.gather(src, 1, index.unsqueeze(-1).expand(-1, -1, src.shape[-1]))
+
+
+class DeepseekV4HCACompressor(nn.Module):
+    """Windowed softmax-pooling compressor; HCA as is, the base of the CSA compressor and of the indexer."""
+
+    overlap = False
+
+    def __init__(self, config, ratio: int | None = None, head_dim: int | None = None):
+        super().__init__()
+        self.compress_rate = ratio or config.compress_rates["heavily_compressed_attention"]
+        self.head_dim = head_dim or config.head_dim
+        width = 2 * self.head_dim if self.overlap else self.head_dim
+        self.kv_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.gate_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.position_bias = nn.Parameter(torch.empty(self.compress_rate, width))
+        self.kv_norm = DeepseekV4RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+
+    def _project(self, x: torch.Tensor, meta: BatchMeta) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 kv and score `[B, S, width]`; the score gets `ape[position % m]`."""
+        kv = self.kv_proj(x.to(self.kv_proj.weight.dtype)).float()
+        score = self.gate_proj(x.to(self.gate_proj.weight.dtype)).float()
+        score = score + self.position_bias.float()[meta.positions % self.compress_rate]
+        return kv, score
+
+    def new_state(self, x: torch.Tensor) -> CompressorState:
+        """Empty streaming state for a batch like `x [B, S, d]`."""
+        width = self.kv_proj.out_features
+        return CompressorState.empty(x.shape[0], self.compress_rate, width, self.head_dim, self.overlap, x.device, x.dtype)
+
+    def compress(self, x: torch.Tensor, meta: BatchMeta, state: CompressorState | None) -> torch.Tensor:
+        """Consume the new tokens of `x [B, S, d]`; returns the row-aligned entries `[B, N, D]` (x.dtype).
+
+        `state` (from the cache) is updated in place; None means a stateless call starting at position 0.
+        """
+        m = self.compress_rate
+        kv, score = self._project(x, meta)
+        b, s, _ = kv.shape
+        if state is None:
+            state = self.new_state(x)
+        buffered = meta.start % m
+        first_entry = meta.start // m
+        total = buffered + meta.lengths
+        n_windows = (int(buffered.max()) + s + m - 1) // m
+        # Token a of the aligned row is the buffered token a (a < buffered) or new token a - buffered.
+        slot = torch.arange(n_windows * m, device=x.device).unsqueeze(0)
+        take = torch.where(slot < buffered.unsqueeze(1), slot, m + slot - buffered.unsqueeze(1)).clamp(max=m + s - 1)
+        aligned_kv = _gather_rows(torch.cat([state.buf_kv, kv], dim=1), take)
+        aligned_score = _gather_rows(torch.cat([state.buf_score, score], dim=1), take)
+        pooled = compress_pool(aligned_kv, aligned_score, m, state.overlap_kv, state.overlap_score)
+
+        entry_idx = first_entry.unsqueeze(1) + torch.arange(n_windows, device=x.device)
+        cos, sin = meta.tables.cos_sin("compress", entry_idx * m)
+        entries = apply_rope(self.kv_norm(pooled.to(x.dtype)), cos, sin)
+
+        done = total // m
+        keep = (done * m).unsqueeze(1) + torch.arange(m, device=x.device)
+        keep = keep.clamp(max=n_windows * m - 1)
+        state.buf_kv = _gather_rows(aligned_kv, keep)
+        state.buf_score = _gather_rows(aligned_score, keep)
+        if self.overlap:
+            d = self.head_dim
+            ca_kv = torch.cat([state.overlap_kv.unsqueeze(1), aligned_kv.view(b, n_windows, m, -1)[..., :d]], 1)
+            ca_score = torch.cat([state.overlap_score.unsqueeze(1), aligned_score.view(b, n_windows, m, -1)[..., :d]], 1)
+            rows = torch.arange(b, device=x.device)
+            state.overlap_kv, state.overlap_score = ca_kv[rows, done], ca_score[rows, done]
+
+        old = state.entries
+        if old.shape[1] == 0 and not bool(first_entry.any()):
+            state.entries = entries
+        else:
+            capacity = max(old.shape[1], int(entry_idx.max()) + 1)
+            grown = F.pad(old.to(entries.dtype), (0, 0, 0, capacity - old.shape[1]))
+            index = entry_idx.unsqueeze(-1).expand(-1, -1, entries.shape[-1])
+            state.entries = grown.scatter(1, index, entries)
+        return state.entries
+
+
+class DeepseekV4IndexerScorer(nn.Module):
+    """Per-head query weights of the lightning indexer (`weights_proj`, official `Indexer.weights_proj`)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.weights_proj = nn.Linear(config.hidden_size, config.index_n_heads, bias=False)
+        # Folded into the weights: I = sum_h (w_h H^-1/2) relu(q_h . K) c^-1/2.
+        self.scaling = config.index_n_heads**-0.5 * config.index_head_dim**-0.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x `[B, S, d]` -> weights `[B, S, H_I]` fp32."""
+        return self.weights_proj(x).float() * self.scaling
+
+
+class DeepseekV4Indexer(DeepseekV4HCACompressor):
+    """Lightning indexer: a CSA compressor at `index_head_dim` for keys, plus query projection and weights."""
+
+    overlap = True
+
+    def __init__(self, config):
+        super().__init__(config, config.compress_rates["compressed_sparse_attention"], config.index_head_dim)
+        self.num_heads = config.index_n_heads
+        self.index_topk = config.index_topk
+        self.chunk = config.indexer_chunk_size
+        self.backend = config.ops_backend
+        self.q_b_proj = nn.Linear(config.q_lora_rank, self.num_heads * self.head_dim, bias=False)
+        self.scorer = DeepseekV4IndexerScorer(config)
+
+    def forward(
+        self, x: torch.Tensor, q_residual: torch.Tensor, meta: BatchMeta, state: CompressorState | None
+    ) -> torch.Tensor:
+        """Top-k entry indices `[B, S, min(k, N)]` (-1 = none) for the new queries."""
+        keys = self.compress(x, meta, state)
+        b, s, _ = x.shape
+        q = self.q_b_proj(q_residual).view(b, s, self.num_heads, self.head_dim)
+        q = apply_rope(q, *meta.rope["compress"])
+        weights = self.scorer(x)
+        return indexer_topk(
+            q, keys, weights, meta.positions, self.compress_rate, self.index_topk, self.chunk, backend=self.backend
+        )
+
+
+class DeepseekV4CSACompressor(DeepseekV4HCACompressor):
+    """CSA compressor (ratio 4, overlapping windows) with its lightning indexer."""
+
+    overlap = True
+
+    def __init__(self, config):
+        super().__init__(config, config.compress_rates["compressed_sparse_attention"])
+        self.indexer = DeepseekV4Indexer(config)

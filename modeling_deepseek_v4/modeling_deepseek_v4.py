@@ -1,0 +1,383 @@
+"""DeepSeek-V4 model wiring: decoder layer, base model, causal LM and the MTP block (tech report §2;
+official `inference/model.py`, `Block` / `Transformer` / `MTPBlock`).
+
+Only wiring lives here; the maths is in `ops_reference.py` behind `ops.py`. Deviations from transformers' native
+`deepseek_v4` (forward-math.md §10): padding-aware batches (row 15: pads never enter windows, the indexer or
+attention), memory-bounded attention (row 16), lowest-index tie-break in the indexer (row 18), MTP kept (row 14),
+fp32 router / SwiGLU / compressor / mHC / logits islands (rows 1, 4, 7-10).
+
+Padding: each call works on a *compacted* batch where every row's real tokens come first. Per-token ops do not
+care about order; attention and compressors then see contiguous positions per row. Outputs are put back in the
+caller's order at the end, so left-padded `generate` gives, for each sequence, what it gives alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_utils import PreTrainedModel
+
+from .attention import DeepseekV4Attention, DeepseekV4GroupedLinear
+from .cache import DeepseekV4Cache, DeepseekV4LayerCache
+from .compressor import DeepseekV4HCACompressor
+from .configuration_deepseek_v4 import DeepseekV4Config
+from .hyper_connection import DeepseekV4HyperConnection, DeepseekV4HyperHead, DeepseekV4RMSNorm
+from .losses import router_balance_loss
+from .moe import DeepseekV4Experts, DeepseekV4HashRouter, DeepseekV4SparseMoeBlock, DeepseekV4TopKRouter
+from .rope import BatchMeta, RopeTables
+
+
+class DeepseekV4DecoderLayer(GradientCheckpointingLayer):
+    """Attention and MoE sub-layers, each wrapped in its own mHC (`attn_hc`, `ffn_hc`). Streams `[B, S, n, d]`."""
+
+    def __init__(self, config: DeepseekV4Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.self_attn = DeepseekV4Attention(config, layer_idx)
+        self.mlp = DeepseekV4SparseMoeBlock(config, layer_idx)
+        self.input_layernorm = DeepseekV4RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = DeepseekV4RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.attn_hc = DeepseekV4HyperConnection(config)
+        self.ffn_hc = DeepseekV4HyperConnection(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        meta: BatchMeta | None = None,
+        input_ids: torch.Tensor | None = None,
+        past_key_values: DeepseekV4LayerCache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        collapsed, post, comb = self.attn_hc(hidden_states)
+        attn_out = self.self_attn(self.input_layernorm(collapsed), meta, past_key_values)
+        hidden_states = self.attn_hc.expand(attn_out, hidden_states, post, comb)
+        collapsed, post, comb = self.ffn_hc(hidden_states)
+        mlp_out, router = self.mlp(self.post_attention_layernorm(collapsed), input_ids)
+        return self.ffn_hc.expand(mlp_out, hidden_states, post, comb), router
+
+
+class DeepseekV4MTPLayer(DeepseekV4DecoderLayer):
+    """Multi-token-prediction block (`mtp.0.*`, forward-math.md §7): a decoder layer (index n_layers, sliding only,
+    score-routed) fed `e_proj(enorm(embed(next ids))) + h_proj(hnorm(main streams))`, with its own `hc_head` and
+    `norm`; embedding and LM head are shared with the main model."""
+
+    def __init__(self, config: DeepseekV4Config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        d = config.hidden_size
+        self.enorm = DeepseekV4RMSNorm(d, eps=config.rms_norm_eps)
+        self.hnorm = DeepseekV4RMSNorm(d, eps=config.rms_norm_eps)
+        self.e_proj = nn.Linear(d, d, bias=False)
+        self.h_proj = nn.Linear(d, d, bias=False)
+        self.norm = DeepseekV4RMSNorm(d, eps=config.rms_norm_eps)
+        self.hc_head = DeepseekV4HyperHead(config)
+
+    def predict(
+        self, streams: torch.Tensor, next_embeds: torch.Tensor, meta: BatchMeta, next_ids: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """streams `[B, S, n, d]` (main model, before `hc_head`), next_embeds `[B, S, d]` -> (hidden, streams)."""
+        x = self.h_proj(self.hnorm(streams)) + self.e_proj(self.enorm(next_embeds)).unsqueeze(2)
+        x, _ = self(x, meta=meta, input_ids=next_ids)
+        return self.norm(self.hc_head(x)), x
+
+
+@dataclass
+class DeepseekV4ModelOutput(MoeModelOutputWithPast):
+    """`MoeModelOutputWithPast` plus the final residual streams `[B, S, n, d]` (for MTP) when requested."""
+
+    last_streams: torch.Tensor | None = None
+
+
+class DeepseekV4PreTrainedModel(PreTrainedModel):
+    config: DeepseekV4Config
+    config_class = DeepseekV4Config
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DeepseekV4DecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = False
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _supports_attention_backend = False
+    _can_compile_fullgraph = False
+    # Rollback of the compressor state (`crop`) is not implemented yet, so assisted decoding must be refused.
+    _is_stateful = True
+    _keep_in_fp32_modules_strict = [
+        "attn_hc",
+        "ffn_hc",
+        "hc_head",
+        "sinks",
+        "position_bias",
+        "e_score_correction_bias",
+        "q_a_norm",
+        "kv_norm",
+        "input_layernorm",
+        "post_attention_layernorm",
+        "norm",
+        # fp32 compressor projections like the reference (forward-math.md §8); they are small.
+        "compressor.kv_proj",
+        "compressor.gate_proj",
+        "indexer.kv_proj",
+        "indexer.gate_proj",
+    ]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, DeepseekV4TopKRouter):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(module, DeepseekV4HashRouter):
+                init.copy_(module.tid2eid, _default_tid2eid(module.tid2eid.shape, module.num_experts))
+            else:
+                init.zeros_(module.e_score_correction_bias)
+        elif isinstance(module, DeepseekV4Experts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+        elif isinstance(module, DeepseekV4GroupedLinear):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, DeepseekV4Attention):
+            init.zeros_(module.sinks)
+        elif isinstance(module, DeepseekV4HyperConnection):
+            init.normal_(module.fn, mean=0.0, std=std)
+            init.zeros_(module.base)
+            init.ones_(module.scale)
+        elif isinstance(module, DeepseekV4HyperHead):
+            init.normal_(module.hc_fn, mean=0.0, std=std)
+            init.zeros_(module.hc_base)
+            init.ones_(module.hc_scale)
+        elif isinstance(module, DeepseekV4HCACompressor):
+            init.zeros_(module.position_bias)
+
+
+def _default_tid2eid(shape: torch.Size, num_experts: int) -> torch.Tensor:
+    """Deterministic balanced hash table for random init: token t -> K consecutive experts from a hashed start."""
+    vocab, k = shape
+    first = (torch.arange(vocab, dtype=torch.long) * 40503) % num_experts
+    return (first.unsqueeze(1) + torch.arange(k)) % num_experts
+
+
+def _valid_tokens(attention_mask: torch.Tensor | None, batch: int, seq_len: int) -> torch.Tensor | None:
+    """`[B, S]` bool of real tokens in this call from a 2-D mask over (past +) current tokens, None if all real."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < seq_len:
+        raise ValueError(
+            f"DeepSeek-V4 takes a 2-D attention_mask [batch, past + new tokens] of 0/1 (got shape "
+            f"{tuple(attention_mask.shape)} for {batch} x {seq_len} new tokens); causality, the sliding window "
+            "and compression are handled inside the model."
+        )
+    valid = attention_mask[:, -seq_len:].bool()
+    return None if bool(valid.all()) else valid
+
+
+def _rows_gather(x: torch.Tensor | None, order: torch.Tensor) -> torch.Tensor | None:
+    """Reorder dim 1 of `x [B, S, ...]` per row with `order [B, S]`."""
+    if x is None:
+        return None
+    index = order.view(*order.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+    return torch.gather(x, 1, index)
+
+
+class DeepseekV4Model(DeepseekV4PreTrainedModel):
+    """Embeddings -> n_hc streams -> decoder layers -> `hc_head` -> `norm`. Holds the MTP blocks as `mtp.*`."""
+
+    def __init__(self, config: DeepseekV4Config):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(DeepseekV4DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = DeepseekV4RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.hc_head = DeepseekV4HyperHead(config)
+        n = config.num_hidden_layers
+        self.mtp = nn.ModuleList(DeepseekV4MTPLayer(config, n + i) for i in range(config.num_nextn_predict_layers))
+        self.rope_tables = RopeTables(config.rope_parameters, config.qk_rope_head_dim)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def _resolve_cache(self, past_key_values: Cache | None, use_cache: bool) -> DeepseekV4Cache | None:
+        if isinstance(past_key_values, DeepseekV4Cache):
+            return past_key_values
+        if past_key_values is not None and not (
+            isinstance(past_key_values, DynamicCache) and past_key_values.get_seq_length() == 0
+        ):
+            raise TypeError(
+                f"DeepSeek-V4 needs a DeepseekV4Cache (it stores compressor state), got "
+                f"{type(past_key_values).__name__}; pass None and the model creates one."
+            )
+        if not use_cache or (self.gradient_checkpointing and self.training):
+            return None
+        return DeepseekV4Cache(self.config)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_router_logits: bool | None = None,
+        return_streams: bool = False,
+        **kwargs,
+    ) -> DeepseekV4ModelOutput:
+        """Positions come from each row's real tokens (attention_mask) and the cache; `position_ids` is accepted
+        for API compatibility and ignored (it must equal `cumsum(attention_mask) - 1`, what `generate` passes)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        output_hidden_states = bool(output_hidden_states if output_hidden_states is not None else False)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        b, s = inputs_embeds.shape[:2]
+        cache = self._resolve_cache(past_key_values, use_cache)
+        valid = _valid_tokens(attention_mask, b, s)
+        if valid is None:
+            order = None
+            lengths = torch.full((b,), s, dtype=torch.long, device=inputs_embeds.device)
+        else:
+            # Stable sort puts each row's real tokens first, in order; pads go to the end.
+            order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)
+            inputs_embeds, input_ids = _rows_gather(inputs_embeds, order), _rows_gather(input_ids, order)
+            lengths = valid.sum(dim=1)
+        start = cache.start_positions(b, inputs_embeds.device) if cache is not None else torch.zeros_like(lengths)
+        meta = BatchMeta(start, lengths, s, self.rope_tables)
+
+        hidden = inputs_embeds.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1)
+        all_hidden, routers = [], []
+        for i, layer in enumerate(self.layers):
+            if output_hidden_states:
+                all_hidden.append(hidden)
+            hidden, router = layer(
+                hidden, meta=meta, input_ids=input_ids, past_key_values=cache.layers[i] if cache else None
+            )
+            routers.append(None if layer.mlp.is_hash else router)
+        if cache is not None:
+            cache.advance(lengths, s)
+        streams = hidden
+        hidden = self.norm(self.hc_head(hidden))
+        if output_hidden_states:
+            all_hidden.append(hidden)
+
+        inverse = None if order is None else torch.argsort(order, dim=1)
+        restore = (lambda t: t) if inverse is None else (lambda t: _rows_gather(t, inverse))
+        router_logits = None
+        if output_router_logits:
+            router_logits = tuple(
+                restore(r[0].view(b, s, -1)).reshape(b * s, -1) for r in routers if r is not None
+            )
+        return DeepseekV4ModelOutput(
+            last_hidden_state=restore(hidden),
+            past_key_values=cache,
+            hidden_states=tuple(restore(h) for h in all_hidden) if output_hidden_states else None,
+            router_logits=router_logits,
+            last_streams=restore(streams) if return_streams else None,
+        )
+
+
+class DeepseekV4ForCausalLM(DeepseekV4PreTrainedModel, GenerationMixin):
+    """Causal LM head on `DeepseekV4Model`; fp32 logits, `num_items_in_batch`-aware loss, optional aux loss."""
+
+    _tied_weights_keys = {}
+
+    def __init__(self, config: DeepseekV4Config):
+        super().__init__(config)
+        self.model = DeepseekV4Model(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """Give `generate` a `DeepseekV4Cache` instead of a `DynamicCache` (hf-integration.md §6.1)."""
+        impl = generation_config.cache_implementation
+        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
+            if impl not in (None, "dynamic"):
+                raise ValueError(
+                    f"cache_implementation={impl!r} is not supported by DeepSeek-V4 yet; leave it unset "
+                    "(the model uses its own DeepseekV4Cache)."
+                )
+            model_kwargs["past_key_values"] = DeepseekV4Cache(self.config)
+            return
+        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_router_logits: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> MoeCausalLMOutputWithPast:
+        """Standard causal-LM forward. `labels` are shifted inside the loss; `num_items_in_batch` (from Trainer
+        with gradient accumulation) normalizes the summed token loss, and the router aux loss is scaled by this
+        micro-batch's share of those tokens so accumulation matches one large batch."""
+        output_router_logits = (
+            self.config.output_router_logits if output_router_logits is None else output_router_logits
+        )
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            output_router_logits=output_router_logits,
+        )
+        hidden = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        # fp32 logits like the reference (forward-math.md §10 row 10).
+        logits = self.lm_head(hidden[:, keep].to(self.lm_head.weight.dtype)).float()
+
+        loss, aux_loss = None, None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+        if output_router_logits and outputs.router_logits:
+            aux_loss = router_balance_loss(outputs.router_logits, self.config.num_experts_per_tok, attention_mask)
+            if loss is not None:
+                share = 1.0
+                num_items = kwargs.get("num_items_in_batch")
+                if num_items is not None:
+                    share = (labels[:, 1:] != -100).sum() / num_items
+                loss = loss + self.config.router_aux_loss_coef * aux_loss * share
+        return MoeCausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=aux_loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            router_logits=outputs.router_logits,
+        )
+
+    def mtp_logits(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, depth: int = 0
+    ) -> torch.Tensor:
+        """Logits `[B, S - 1, V]` of MTP block `depth` (no cache): position t predicts token t + 2 from the main
+        streams at t and the embedding of token t + 1 (DeepSeek-V3 convention, forward-math.md §7)."""
+        if depth >= len(self.model.mtp):
+            raise ValueError(f"This model has {len(self.model.mtp)} MTP blocks; depth {depth} does not exist.")
+        if attention_mask is not None and not bool(attention_mask.bool().all()):
+            raise ValueError("mtp_logits supports unpadded batches only; drop the padding or run rows one by one.")
+        out = self.model(input_ids=input_ids, use_cache=False, return_streams=True)
+        b, s = input_ids.shape
+        next_ids = input_ids[:, 1:]
+        lengths = torch.full((b,), s - 1, dtype=torch.long, device=input_ids.device)
+        meta = BatchMeta(torch.zeros_like(lengths), lengths, s - 1, self.model.rope_tables)
+        hidden, _ = self.model.mtp[depth].predict(
+            out.last_streams[:, :-1], self.model.embed_tokens(next_ids), meta, next_ids
+        )
+        return self.lm_head(hidden.to(self.lm_head.weight.dtype)).float()
+
+
+__all__ = ["DeepseekV4PreTrainedModel", "DeepseekV4Model", "DeepseekV4ForCausalLM", "DeepseekV4Cache"]

@@ -1,0 +1,302 @@
+"""PyTorch reference of every DeepSeek-V4 op: the specification the fused kernels are tested against.
+
+Semantics follow the official `inference/model.py` (DeepSeek-V4 tech report §2); derivations are in
+`docs/forward-math.md` of this project. Everything here is memory-bounded: attention and the lightning indexer
+process queries in chunks and never build an S x S (or S x compressed-length) tensor for the whole sequence.
+
+Conventions: `B` batch, `S` new tokens, `H` heads, `D` head dim, `N` compressed entries, `W` sliding window,
+`P` cached window keys in front of the new ones, `m` compress ratio, `E` experts, `K` top-k.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim in fp32; `weight` None gives the unweighted norm. Returns `x.dtype`."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = weight.float() * y
+    return y.to(x.dtype)
+
+
+def _hc_mixes(x: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor:
+    """[B, S, n, d] streams -> rs-scaled projections `(x_flat . fn^T) * rsqrt(mean(x^2) + eps)` in fp32."""
+    flat = x.flatten(-2).float()
+    flat = flat * torch.rsqrt(flat.pow(2).mean(-1, keepdim=True) + norm_eps)
+    return F.linear(flat, fn.float())
+
+
+def hc_pre(
+    x: torch.Tensor,
+    fn: torch.Tensor,
+    base: torch.Tensor,
+    scale: torch.Tensor,
+    sinkhorn_iters: int,
+    hc_eps: float,
+    norm_eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """mHC mixing weights and stream collapse (forward-math.md §2).
+
+    Args: x `[B, S, n, d]`; fn `[(2 + n) * n, n * d]`; base `[(2 + n) * n]`; scale `[3]`.
+    Returns: collapsed `[B, S, d]` (x.dtype), post `[B, S, n]` (fp32), comb `[B, S, n, n]` (fp32, row = source
+    stream, column = destination; doubly stochastic after the column-first Sinkhorn).
+    """
+    n = x.shape[-2]
+    mixes = _hc_mixes(x, fn, norm_eps)
+    base = base.float()
+    scale = scale.float()
+    pre = torch.sigmoid(mixes[..., :n] * scale[0] + base[:n]) + hc_eps
+    post = 2 * torch.sigmoid(mixes[..., n : 2 * n] * scale[1] + base[n : 2 * n])
+    comb = mixes[..., 2 * n :] * scale[2] + base[2 * n :]
+    comb = torch.softmax(comb.unflatten(-1, (n, n)), dim=-1) + hc_eps
+    comb = comb / (comb.sum(dim=-2, keepdim=True) + hc_eps)
+    for _ in range(sinkhorn_iters - 1):
+        comb = comb / (comb.sum(dim=-1, keepdim=True) + hc_eps)
+        comb = comb / (comb.sum(dim=-2, keepdim=True) + hc_eps)
+    collapsed = (pre.unsqueeze(-1) * x.float()).sum(dim=-2).to(x.dtype)
+    return collapsed, post, comb
+
+
+def hc_post(f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """mHC expansion: `X'_j = post_j * f + sum_i comb[i, j] X_i` in fp32 (the residual term is comb^T . X).
+
+    Args: f `[B, S, d]` sub-layer output; x `[B, S, n, d]` streams; post `[B, S, n]`; comb `[B, S, n, n]`.
+    Returns `[B, S, n, d]` in x.dtype.
+    """
+    out = post.unsqueeze(-1) * f.float().unsqueeze(-2) + torch.matmul(comb.transpose(-1, -2), x.float())
+    return out.to(x.dtype)
+
+
+def hc_head(
+    x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, hc_eps: float, norm_eps: float
+) -> torch.Tensor:
+    """Final stream collapse: `y = sum_i (sigmoid(mix_i * scale + base_i) + eps) X_i`. x `[B, S, n, d]` -> `[B, S, d]`."""
+    mixes = _hc_mixes(x, fn, norm_eps)
+    pre = torch.sigmoid(mixes * scale.float() + base.float()) + hc_eps
+    return (pre.unsqueeze(-1) * x.float()).sum(dim=-2).to(x.dtype)
+
+
+def compress_pool(
+    kv: torch.Tensor,
+    score: torch.Tensor,
+    ratio: int,
+    overlap_kv: torch.Tensor | None = None,
+    overlap_score: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Softmax-gated pooling of window-aligned token projections into compressed entries (forward-math.md §4).
+
+    Args:
+        kv, score: `[B, nW * m, width]` fp32, window aligned (token a of row b belongs to window a // m); `score`
+            already holds the positional bias `ape[slot]`.
+        ratio: m.
+        overlap_kv, overlap_score: CSA only, `[B, m, D]`: the Ca halves of the window before window 0
+            (score -inf where there is none). When given, width = 2D and entry j pools the Ca halves of window
+            j - 1 with the Cb halves of window j (2m slots per channel); otherwise (HCA) width = D and entry j
+            pools the m tokens of window j.
+    Returns: `[B, nW, D]` fp32, softmax over slots per channel.
+    """
+    b, length, width = kv.shape
+    n_windows = length // ratio
+    kv = kv.view(b, n_windows, ratio, width)
+    score = score.view(b, n_windows, ratio, width)
+    if overlap_kv is not None:
+        d = width // 2
+        prev_kv = torch.cat([overlap_kv.unsqueeze(1), kv[:, :-1, :, :d]], dim=1)
+        prev_score = torch.cat([overlap_score.unsqueeze(1), score[:, :-1, :, :d]], dim=1)
+        kv = torch.cat([prev_kv, kv[..., d:]], dim=2)
+        score = torch.cat([prev_score, score[..., d:]], dim=2)
+    return (kv * torch.softmax(score, dim=2)).sum(dim=2)
+
+
+def _select_topk_lowest_index(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k column indices per row of `scores` [..., n], ties broken by the lowest index, returned ascending."""
+    thr = scores.topk(k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+    greater = scores > thr
+    equal = scores == thr
+    need = k - greater.sum(dim=-1, keepdim=True)
+    selected = greater | (equal & (equal.cumsum(dim=-1) <= need))
+    rank = torch.where(selected, selected.cumsum(dim=-1) - 1, k)
+    cols = torch.arange(scores.shape[-1], device=scores.device).expand_as(scores)
+    out = torch.zeros(*scores.shape[:-1], k + 1, dtype=torch.long, device=scores.device)
+    return out.scatter_(-1, rank, cols)[..., :k]
+
+
+def indexer_topk(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    weights: torch.Tensor,
+    positions: torch.Tensor,
+    ratio: int,
+    topk: int,
+    chunk: int = 256,
+    head_group: int = 8,
+) -> torch.Tensor:
+    """Lightning indexer: per query, the top-k causal compressed entries by `I[t, s] = sum_h w[t, h] relu(q_h . K_s)`.
+
+    Args:
+        q: `[B, S, H, c]` indexer queries (RoPE applied).
+        keys: `[B, N, c]` indexer keys (compressed, normed, RoPE applied); entry s of row b may hold garbage
+            when s >= (latest position + 1) // m, it is never selected.
+        weights: `[B, S, H]` per-head weights, already scaled (`weights_proj(x) * H^-1/2 * c^-1/2`).
+        positions: `[B, S]` absolute positions; query t may select s < (t + 1) // ratio.
+        topk: k. Chunked over queries (`chunk`) and heads (`head_group`) so memory is O(chunk * N).
+    Returns: `[B, S, min(k, N)]` int64 entry indices, -1 where there is no entry. Among equal scores the lowest
+    index wins (project rule, forward-math.md §5), so prefill, chunked prefill and decode select identically.
+    """
+    b, s, h, _ = q.shape
+    n = keys.shape[1]
+    k = min(topk, n)
+    out = torch.full((b, s, k), -1, dtype=torch.long, device=q.device)
+    if k == 0:
+        return out
+    limits = (positions + 1) // ratio
+    qf, kf, wf = q.float(), keys.float(), weights.float()
+    for i0 in range(0, s, chunk):
+        i1 = min(i0 + chunk, s)
+        lim = limits[:, i0:i1]
+        n_used = min(int(lim.max()), n)
+        if n_used == 0:
+            continue
+        cols = torch.arange(n_used, device=q.device)
+        valid = cols < lim.unsqueeze(-1)
+        if n_used <= k:
+            # Every causal entry fits: no scoring needed (most queries of short sequences).
+            out[:, i0:i1, :n_used] = torch.where(valid, cols, -1)
+            continue
+        scores = torch.zeros(b, i1 - i0, n_used, device=q.device)
+        key_t = kf[:, :n_used].transpose(1, 2)
+        for h0 in range(0, h, head_group):
+            h1 = min(h0 + head_group, h)
+            logits = torch.matmul(qf[:, i0:i1, h0:h1], key_t.unsqueeze(1))
+            scores += (torch.relu(logits) * wf[:, i0:i1, h0:h1].unsqueeze(-1)).sum(dim=2)
+        scores = scores.masked_fill(~valid, float("-inf"))
+        idx = _select_topk_lowest_index(scores, k)
+        out[:, i0:i1] = torch.where(idx < lim.unsqueeze(-1), idx, -1)
+    return out
+
+
+def _band_logits(
+    qf: torch.Tensor, win: torch.Tensor, i0: int, i1: int, n_cached: int, window: int, start: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Window logits of queries [i0, i1) over the contiguous key band they can reach: `[B, C, H, L]`, keys, j0."""
+    j0 = max(0, i0 + n_cached - window + 1)
+    j1 = i1 + n_cached
+    keys = win[:, j0:j1].float()
+    logits = torch.einsum("bqhd,bkd->bqhk", qf, keys) * scale
+    qi = torch.arange(i0, i1, device=qf.device).view(1, -1, 1)
+    kj = torch.arange(j0, j1, device=qf.device).view(1, 1, -1)
+    dist = qi + n_cached - kj
+    allowed = (dist >= 0) & (dist < window) & (kj >= (n_cached - start).view(-1, 1, 1))
+    return logits.masked_fill(~allowed.unsqueeze(2), float("-inf")), keys, j0
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    window_kv: torch.Tensor,
+    start: torch.Tensor,
+    window: int,
+    sinks: torch.Tensor,
+    scale: float,
+    compressed_kv: torch.Tensor | None = None,
+    ratio: int = 0,
+    topk_idx: torch.Tensor | None = None,
+    chunk: int = 256,
+) -> torch.Tensor:
+    """Sliding-window + compressed-entry attention with a per-head sink (forward-math.md §3.3-3.4), MQA with K = V.
+
+    Args:
+        q: `[B, S, H, D]` queries of the new tokens; query i of row b is at position `start[b] + i`.
+        window_kv: `[B, P + S, D]` the P cached window keys followed by the S new keys; key j of row b is at
+            position `start[b] - P + j` (keys at negative positions do not exist and are masked).
+        window: W, keys with `0 <= t - pos < W` are visible (the query itself included).
+        sinks: `[H]` logit of a virtual key with zero value (denominator only, not scaled).
+        compressed_kv: `[B, N, D]` compressed entries. Without `topk_idx` (HCA) query t sees every entry
+            s < (t + 1) // ratio; with `topk_idx` `[B, S, K]` (CSA) it sees the listed entries (-1 = none).
+        chunk: queries per step; memory is O(chunk * (chunk + W + K + N_causal)) per head.
+    Returns: `[B, S, H, D]` in q.dtype. Logits and softmax in fp32.
+    """
+    b, s, h, d = q.shape
+    n_cached = window_kv.shape[1] - s
+    outputs = []
+    for i0 in range(0, s, chunk):
+        i1 = min(i0 + chunk, s)
+        qf = q[:, i0:i1].float()
+        logits, keys, _ = _band_logits(qf, window_kv, i0, i1, n_cached, window, start, scale)
+        parts = [(logits, keys, None)]
+        if compressed_kv is not None and compressed_kv.shape[1] > 0:
+            if topk_idx is None:
+                limit = (start.view(-1, 1) + torch.arange(i0, i1, device=q.device) + 1) // ratio
+                n_used = min(int(limit.max()), compressed_kv.shape[1])
+                if n_used > 0:
+                    comp = compressed_kv[:, :n_used].float()
+                    comp_logits = torch.einsum("bqhd,bkd->bqhk", qf, comp) * scale
+                    seen = torch.arange(n_used, device=q.device).view(1, 1, -1) < limit.unsqueeze(-1)
+                    parts.append((comp_logits.masked_fill(~seen.unsqueeze(2), float("-inf")), comp, None))
+            else:
+                idx = topk_idx[:, i0:i1]
+                gathered = torch.gather(
+                    compressed_kv.float().unsqueeze(1).expand(-1, i1 - i0, -1, -1),
+                    2,
+                    idx.clamp(min=0).unsqueeze(-1).expand(-1, -1, -1, d),
+                )
+                comp_logits = torch.einsum("bqhd,bqkd->bqhk", qf, gathered) * scale
+                parts.append((comp_logits.masked_fill((idx < 0).unsqueeze(2), float("-inf")), None, gathered))
+        sink = sinks.float().view(1, 1, h, 1).expand(b, i1 - i0, h, 1)
+        probs = torch.softmax(torch.cat([p[0] for p in parts] + [sink], dim=-1), dim=-1)
+        out = torch.zeros_like(qf)
+        offset = 0
+        for part_logits, shared_keys, per_query_keys in parts:
+            width = part_logits.shape[-1]
+            p = probs[..., offset : offset + width]
+            offset += width
+            if shared_keys is not None:
+                out = out + torch.einsum("bqhk,bkd->bqhd", p, shared_keys)
+            else:
+                out = out + torch.einsum("bqhk,bqkd->bqhd", p, per_query_keys)
+        outputs.append(out.to(q.dtype))
+    return torch.cat(outputs, dim=1)
+
+
+def _swiglu(gate_up: torch.Tensor, limit: float) -> torch.Tensor:
+    """Clamped SwiGLU in fp32: `silu(min(g, limit)) * clamp(u, -limit, limit)`; gate_up `[T, 2I]` (gate first)."""
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    return F.silu(gate.clamp(max=limit)) * up.clamp(min=-limit, max=limit)
+
+
+def grouped_experts(
+    x: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    topk_idx: torch.Tensor,
+    topk_weights: torch.Tensor,
+    swiglu_limit: float,
+) -> torch.Tensor:
+    """Routed experts (forward-math.md §6): `y_t = sum_k w_tk * W2_e(swiglu(W13_e x_t))`, accumulated in fp32.
+
+    Args:
+        x: `[T, d]`; gate_up_proj: `[E, 2I, d]` (gate rows first); down_proj: `[E, d, I]`;
+        topk_idx: `[T, K]` expert ids; topk_weights: `[T, K]` routing weights (applied to h before W2).
+    Returns: `[T, d]` fp32. The weights are read at call time (PEFT parametrizations and quantized modules
+    swap what these tensors are).
+    """
+    t, k = topk_idx.shape
+    out = torch.zeros(t, x.shape[-1], dtype=torch.float32, device=x.device)
+    flat_idx = topk_idx.reshape(-1)
+    order = torch.argsort(flat_idx, stable=True)
+    counts = torch.bincount(flat_idx, minlength=gate_up_proj.shape[0]).tolist()
+    token_of = order // k
+    weight_of = topk_weights.reshape(-1)[order]
+    offset = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        rows = token_of[offset : offset + count]
+        h = _swiglu(F.linear(x[rows], gate_up_proj[expert]), swiglu_limit)
+        h = (h * weight_of[offset : offset + count, None].float()).to(x.dtype)
+        out.index_add_(0, rows, F.linear(h, down_proj[expert]).float())
+        offset += count
+    return out
