@@ -1,0 +1,415 @@
+"""DeepSeek-V4 configuration: every hyper-parameter of a V4-Flash / V4-Pro model and of the plugin's runtime.
+
+Field names, defaults (V4-Flash sizes) and meaning follow transformers' native config
+(`transformers/models/deepseek_v4/configuration_deepseek_v4.py`, 5.23). Three spellings are accepted and
+normalised to one stored form, so equal meaning gives equal configs:
+
+- the plugin's own saved `config.json` (`__post_init__` is idempotent);
+- a native `deepseek_v4` dict (`layer_types`, `mlp_layer_types`, nested `rope_parameters`, `partial_rotary_factor`);
+- the official root `config.json` of `deepseek-ai/DeepSeek-V4-Flash` / `-Pro` (`compress_ratios` with the trailing
+  MTP entry, `num_hash_layers`, `qk_rope_head_dim`, `rope_scaling`, `expert_dtype`, `quantization_config`).
+  The reference `inference/config.json` (`ModelArgs` names: `dim`, `n_layers`, ...) is refused; use the root file.
+
+Stored form. `compress_ratios` (one entry per decoder layer, then one per MTP block; 0 = sliding window only,
+`compress_rates[...]` = CSA / HCA) is the authoritative attention schedule; `layer_types` is derived from it with
+the standard transformers names, so the base `PreTrainedConfig` validator (used by `Trainer` resume) accepts the
+file. Hash routing is stored as `num_hash_layers`, never as native's `mlp_layer_types`, whose `"hash_moe"` values
+the base validator rejects. `rope_parameters` uses native's `{"main": ..., "compress": ...}` nesting and
+`rope_scaling` is never stored.
+
+Documented deviations from native (forward-math.md §10 row 13): without `compress_ratios` / `layer_types` the
+default schedule is the official V4-Flash pattern (sliding, sliding, then CSA on even and HCA on odd layers), not
+native's HCA, HCA, then alternating from HCA. `expert_dtype` stays a top-level field and is not copied into
+`quantization_config` (native >= 5.21 copies it). DeepSeek-V4.1 (`deepseek_v41`) is refused.
+"""
+
+import copy
+from typing import Any
+
+from huggingface_hub.dataclasses import strict
+from transformers.configuration_utils import PreTrainedConfig
+from transformers.modeling_rope_utils import RopeParameters
+
+SLIDING = "sliding_attention"
+CSA = "compressed_sparse_attention"
+HCA = "heavily_compressed_attention"
+DEEPSEEK_V4_LAYER_TYPES = (SLIDING, CSA, HCA)
+DEFAULT_COMPRESS_RATES = {CSA: 4, HCA: 128}
+DEFAULT_NUM_HASH_LAYERS = 3
+# `qk_rope_head_dim` (64) / `head_dim` (512), as native.
+DEFAULT_PARTIAL_ROTARY_FACTOR = 64 / 512
+SCORING_FUNCS = ("sqrtsoftplus", "softmax", "sigmoid")
+OPS_BACKENDS = ("auto", "reference", "triton")
+EXPERT_DTYPES = ("fp4", "fp8", None)
+ROPE_TYPES = ("default", "yarn")
+ACCEPTED_MODEL_TYPES = (None, "deepseek_v4", "deepseek_v4_ext")
+# Keys that only the reference `inference/config.json` (`ModelArgs`) uses.
+_MODEL_ARGS_KEYS = ("dim", "n_layers", "n_heads", "moe_inter_dim", "n_activated_experts", "n_hash_layers")
+
+
+def official_compress_ratios(
+    num_hidden_layers: int, num_nextn_predict_layers: int = 1, compress_rates: dict[str, int] | None = None
+) -> list[int]:
+    """The official V4-Flash schedule: layers 0-1 sliding only, then CSA on even and HCA on odd layers; MTP 0."""
+    rates = compress_rates or DEFAULT_COMPRESS_RATES
+    ratios = [0 if i < 2 else rates[CSA] if i % 2 == 0 else rates[HCA] for i in range(num_hidden_layers)]
+    return ratios + [0] * num_nextn_predict_layers
+
+
+def _fail(field: str, value: Any, expected: str) -> None:
+    raise ValueError(f"DeepseekV4Config: invalid `{field}`={value!r}; {expected}.")
+
+
+def _check_compress_rates(rates: Any) -> None:
+    ok = isinstance(rates, dict) and set(rates) == {CSA, HCA}
+    ok = ok and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in rates.values())
+    if not ok or rates[CSA] == rates[HCA]:
+        _fail(
+            "compress_rates",
+            rates,
+            f"expected exactly these keys, two different positive ints: {DEFAULT_COMPRESS_RATES}",
+        )
+
+
+def _check_foreign_input(kwargs: dict[str, Any]) -> None:
+    model_type = kwargs.get("model_type")
+    if model_type == "deepseek_v41" or "text_config" in kwargs or "vision_config" in kwargs:
+        raise ValueError(
+            f"DeepseekV4Config: `model_type`={model_type!r} with `text_config` / `vision_config` is DeepSeek-V4.1, "
+            "a different architecture (Engram memory, cross-layer KV sharing, vision tower); it is out of scope for "
+            "this package. Use a DeepSeek-V4 (Flash / Pro) checkpoint."
+        )
+    if model_type not in ACCEPTED_MODEL_TYPES:
+        _fail("model_type", model_type, f"expected one of {ACCEPTED_MODEL_TYPES[1:]}")
+    found = [key for key in _MODEL_ARGS_KEYS if key in kwargs]
+    if found:
+        raise ValueError(
+            f"DeepseekV4Config: got reference `ModelArgs` keys {found}: this is `inference/config.json`. Load the "
+            "root `config.json` of the checkpoint instead (HF-style names, official-format.md §3)."
+        )
+
+
+@strict
+class DeepseekV4Config(PreTrainedConfig):
+    r"""Configuration of a DeepSeek-V4 causal LM (`model_type="deepseek_v4_ext"`); defaults are V4-Flash.
+
+    Sizes: `vocab_size`, `hidden_size`, `moe_intermediate_size` (alias `intermediate_size`), `num_hidden_layers`,
+        `num_attention_heads`, `num_key_value_heads` (always 1: shared-KV MQA), `head_dim`, `q_lora_rank`.
+    Attention: `sliding_window` (n_win), `o_groups` / `o_lora_rank` (grouped output projection), `attention_bias`,
+        `attention_dropout`, `index_n_heads` / `index_head_dim` / `index_topk` (Lightning Indexer of CSA layers).
+    Compression schedule: `compress_ratios` (authoritative, `num_hidden_layers + num_nextn_predict_layers` entries;
+        a list of `num_hidden_layers` entries gets a 0 appended per MTP block), `compress_rates` (CSA / HCA rate),
+        `layer_types` (derived: 0 -> sliding, CSA rate -> CSA, HCA rate -> HCA). Legacy `compress_rate_csa` /
+        `compress_rate_hca` kwargs fold into `compress_rates`.
+    RoPE: `rope_theta` (main), `compress_rope_theta` (CSA / HCA branches), `partial_rotary_factor` (from an official
+        `qk_rope_head_dim` when given), `rope_parameters` (native nesting `{"main", "compress"}`; an official
+        `rope_scaling` becomes the compress entry with `attention_factor` 1.0 for YaRN), `max_position_embeddings`.
+        A nested `rope_parameters` is authoritative for the thetas (as in native); the scalar fields are synced.
+        Runtime attribute `qk_rope_head_dim = int(head_dim * partial_rotary_factor)`.
+    mHC: `hc_mult` (n_hc), `hc_sinkhorn_iters`, `hc_eps`.
+    MoE: `n_routed_experts` (alias `num_local_experts`), `n_shared_experts` (0 or 1), `num_experts_per_tok`,
+        `scoring_func`, `norm_topk_prob`, `routed_scaling_factor`, `swiglu_limit`, `hidden_act`, `mlp_bias`,
+        `num_hash_layers` (leading hash-routed layers; None resolves to min(3, num_hidden_layers); a native
+        `mlp_layer_types` kwarg folds into it), `output_router_logits`, `router_aux_loss_coef`, `router_jitter_noise`.
+    MTP: `num_nextn_predict_layers`.
+    Quantization: `expert_dtype` ("fp4", "fp8" or None: format of the routed experts in the checkpoint);
+        `quantization_config` is kept verbatim as an extra attribute (not a field).
+    Plugin runtime: `attn_chunk_size` (query chunk of the memory-bounded attention), `indexer_chunk_size` (query
+        chunk of the indexer scoring), `ops_backend` ("auto", "reference" or "triton").
+    Standard: `initializer_range`, `rms_norm_eps`, `use_cache`, token ids, `tie_word_embeddings` (always False).
+    """
+
+    model_type = "deepseek_v4_ext"
+    keys_to_ignore_at_inference = ["past_key_values"]
+    # Standard MoE names read by FP8 / TP integrations and by `LlamaMLP`-style shared experts, as native.
+    attribute_map = {"num_local_experts": "n_routed_experts", "intermediate_size": "moe_intermediate_size"}
+    # `rope_parameters` is keyed by these labels, not by `layer_types` (read by the base RoPE helpers).
+    _rope_type_labels = ("main", "compress")
+
+    vocab_size: int = 129280
+    hidden_size: int = 4096
+    moe_intermediate_size: int = 2048
+    num_hidden_layers: int = 43
+    num_attention_heads: int = 64
+    num_key_value_heads: int = 1
+    head_dim: int = 512
+    q_lora_rank: int = 1024
+    num_experts_per_tok: int = 6
+    n_routed_experts: int = 256
+    n_shared_experts: int = 1
+    scoring_func: str = "sqrtsoftplus"
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.5
+    max_position_embeddings: int = 1048576
+    rope_theta: float | int = 10000.0
+
+    layer_types: list[str] | None = None
+    compress_rates: dict | None = None
+    compress_rope_theta: float | int = 160000.0
+    hc_mult: int = 4
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1.0e-6
+    swiglu_limit: float = 10.0
+    sliding_window: int = 128
+    o_groups: int = 8
+    o_lora_rank: int = 1024
+    index_n_heads: int = 64
+    index_head_dim: int = 128
+    index_topk: int = 512
+    num_nextn_predict_layers: int = 1
+
+    output_router_logits: bool = False
+    router_aux_loss_coef: float = 0.001
+    router_jitter_noise: float = 0.0
+
+    hidden_act: str = "silu"
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1.0e-6
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 0
+    eos_token_id: int | list[int] | None = 1
+    tie_word_embeddings: bool = False
+    rope_parameters: RopeParameters | dict | None = None
+    partial_rotary_factor: float | None = None
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    attention_dropout: float = 0.0
+
+    compress_ratios: list[int] | None = None
+    num_hash_layers: int | None = None
+    expert_dtype: str | None = None
+    attn_chunk_size: int = 256
+    indexer_chunk_size: int = 256
+    ops_backend: str = "auto"
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        _check_foreign_input(kwargs)
+        # `model_type` is a class attribute; an instance copy (e.g. "deepseek_v4") would shadow it.
+        kwargs.pop("model_type", None)
+        csa_rate = kwargs.pop("compress_rate_csa", None)
+        hca_rate = kwargs.pop("compress_rate_hca", None)
+        mlp_layer_types = kwargs.pop("mlp_layer_types", None)
+        qk_rope_head_dim = kwargs.pop("qk_rope_head_dim", None)
+        rope_scaling = kwargs.pop("rope_scaling", None)
+        for field, value in (("num_hidden_layers", self.num_hidden_layers), ("head_dim", self.head_dim)):
+            if value < 1:
+                _fail(field, value, "expected an int >= 1")
+        if self.num_nextn_predict_layers < 0:
+            _fail("num_nextn_predict_layers", self.num_nextn_predict_layers, "expected an int >= 0")
+        self._resolve_schedule(csa_rate, hca_rate)
+        self._resolve_hash_layers(mlp_layer_types)
+        self._resolve_rope(qk_rope_head_dim, rope_scaling)
+        super().__post_init__(**kwargs)
+        self._check_values()
+
+    # ---- normalisation ------------------------------------------------------------------------------------------
+
+    def _resolve_schedule(self, csa_rate: int | None, hca_rate: int | None) -> None:
+        rates = dict(DEFAULT_COMPRESS_RATES if self.compress_rates is None else self.compress_rates)
+        if csa_rate is not None:
+            rates[CSA] = csa_rate
+        if hca_rate is not None:
+            rates[HCA] = hca_rate
+        _check_compress_rates(rates)
+        self.compress_rates = rates
+        n, n_mtp = self.num_hidden_layers, self.num_nextn_predict_layers
+        ratio_of = {SLIDING: 0, CSA: rates[CSA], HCA: rates[HCA]}
+        if self.compress_ratios is not None:
+            ratios = list(self.compress_ratios)
+            if len(ratios) == n:
+                ratios += [0] * n_mtp
+            elif len(ratios) != n + n_mtp:
+                expected = f"expected {n} (layers) or {n + n_mtp} (layers + MTP blocks) entries, got {len(ratios)}"
+                _fail("compress_ratios", ratios, expected)
+        elif self.layer_types is not None:
+            self._check_layer_types(self.layer_types)
+            ratios = [ratio_of[t] for t in self.layer_types] + [0] * n_mtp
+        else:
+            ratios = official_compress_ratios(n, n_mtp, rates)
+        self._check_ratios(ratios)
+        derived = self._types_from_ratios(ratios)
+        if self.layer_types is not None and list(self.layer_types) != derived:
+            _fail("layer_types", self.layer_types, f"it disagrees with `compress_ratios`={ratios}; pass only one")
+        self.compress_ratios = ratios
+        self.layer_types = derived
+
+    def _resolve_hash_layers(self, mlp_layer_types: list[str] | None) -> None:
+        n = self.num_hidden_layers
+        if mlp_layer_types is not None:
+            types = list(mlp_layer_types)
+            n_hash = types.count("hash_moe")
+            if len(types) != n or any(t not in ("hash_moe", "moe") for t in types):
+                _fail("mlp_layer_types", types, f'expected {n} entries from ("hash_moe", "moe")')
+            if types[:n_hash] != ["hash_moe"] * n_hash:
+                _fail("mlp_layer_types", types, 'V4 hash-routes only its first layers: "hash_moe" must be a prefix')
+            if self.num_hash_layers is not None and self.num_hash_layers != n_hash:
+                _fail("num_hash_layers", self.num_hash_layers, f"it disagrees with `mlp_layer_types` ({n_hash})")
+            self.num_hash_layers = n_hash
+        elif self.num_hash_layers is None:
+            self.num_hash_layers = min(DEFAULT_NUM_HASH_LAYERS, n)
+
+    def _resolve_rope(self, qk_rope_head_dim: int | None, rope_scaling: dict | None) -> None:
+        params = copy.deepcopy(self.rope_parameters) if self.rope_parameters else {}
+        nested = isinstance(params.get("main"), dict) and isinstance(params.get("compress"), dict)
+        factor = self.partial_rotary_factor
+        if factor is None:
+            if qk_rope_head_dim is not None:
+                factor = qk_rope_head_dim / self.head_dim
+            elif nested and "partial_rotary_factor" in params["main"]:
+                factor = params["main"]["partial_rotary_factor"]
+            else:
+                factor = DEFAULT_PARTIAL_ROTARY_FACTOR
+        if qk_rope_head_dim is not None and int(self.head_dim * factor) != qk_rope_head_dim:
+            _fail(
+                "qk_rope_head_dim",
+                qk_rope_head_dim,
+                f"!= head_dim * partial_rotary_factor ({self.head_dim} * {factor})",
+            )
+        self.partial_rotary_factor = float(factor)
+        self.qk_rope_head_dim = int(self.head_dim * factor)
+
+        scaling = _rename_type(copy.deepcopy(rope_scaling)) if rope_scaling else None
+        if nested:
+            main, compress = _rename_type(params["main"]), _rename_type(params["compress"])
+            keys = set(scaling or {}) - {"rope_theta", "partial_rotary_factor"}
+            if any(compress.get(k) != scaling[k] for k in keys):
+                _fail("rope_scaling", rope_scaling, f"it disagrees with rope_parameters['compress']={compress}")
+            # Native semantics: the nested dict holds the thetas; keep the scalar fields in sync with it.
+            self.rope_theta = main.setdefault("rope_theta", self.rope_theta)
+            self.compress_rope_theta = compress.setdefault("rope_theta", self.compress_rope_theta)
+        else:
+            flat = scaling if scaling is not None else _rename_type(params)
+            main = {"rope_type": "default", "rope_theta": self.rope_theta}
+            compress = {k: v for k, v in flat.items() if k not in self._rope_type_labels}
+            compress["rope_theta"] = self.compress_rope_theta
+        for label, sub in (("main", main), ("compress", compress)):
+            sub.setdefault("rope_type", "default")
+            if sub["rope_type"] not in ROPE_TYPES:
+                _fail(f"rope_parameters['{label}']['rope_type']", sub["rope_type"], f"expected one of {ROPE_TYPES}")
+            if sub.setdefault("partial_rotary_factor", self.partial_rotary_factor) != self.partial_rotary_factor:
+                _fail(f"rope_parameters['{label}']", sub, f"partial_rotary_factor != {self.partial_rotary_factor}")
+            if sub["rope_type"] == "yarn":
+                if "factor" not in sub:
+                    _fail(f"rope_parameters['{label}']", sub, 'a "yarn" entry needs a "factor"')
+                sub.setdefault("original_max_position_embeddings", self.max_position_embeddings)
+        if compress["rope_type"] == "yarn":
+            # The V4 reference does not scale cos/sin by YaRN's mscale (native forces the same).
+            compress.setdefault("attention_factor", 1.0)
+        self.rope_parameters = {"main": main, "compress": compress}
+
+    # ---- validation (runs in `__post_init__`, again through `validate()`) --------------------------------------
+
+    def _types_from_ratios(self, ratios: list[int]) -> list[str]:
+        type_of = {0: SLIDING, self.compress_rates[CSA]: CSA, self.compress_rates[HCA]: HCA}
+        return [type_of[r] for r in ratios[: self.num_hidden_layers]]
+
+    def _check_layer_types(self, layer_types: list[str]) -> None:
+        if len(layer_types) != self.num_hidden_layers or any(t not in DEEPSEEK_V4_LAYER_TYPES for t in layer_types):
+            expected = f"expected {self.num_hidden_layers} (num_hidden_layers) entries from {DEEPSEEK_V4_LAYER_TYPES}"
+            _fail("layer_types", layer_types, expected)
+
+    def _check_ratios(self, ratios: list[int]) -> None:
+        allowed = (0, self.compress_rates[CSA], self.compress_rates[HCA])
+        bad = [r for r in ratios if isinstance(r, bool) or r not in allowed]
+        if bad:
+            expected = f"entries {bad} are neither 0 (sliding only) nor a rate of compress_rates={self.compress_rates}"
+            _fail("compress_ratios", ratios, expected + "; set `compress_rates` to the checkpoint's CSA / HCA rates")
+
+    def _check_schedule(self) -> None:
+        _check_compress_rates(self.compress_rates)
+        n_total = self.num_hidden_layers + self.num_nextn_predict_layers
+        if self.compress_ratios is None or len(self.compress_ratios) != n_total:
+            _fail("compress_ratios", self.compress_ratios, f"expected {n_total} entries (layers + MTP blocks)")
+        self._check_ratios(self.compress_ratios)
+        self._check_layer_types(self.layer_types)
+        if list(self.layer_types) != self._types_from_ratios(self.compress_ratios):
+            _fail("layer_types", self.layer_types, f"it disagrees with `compress_ratios`={self.compress_ratios}")
+
+    def _check_values(self) -> None:
+        self._check_schedule()
+        for field in ("sliding_window", "hc_mult", "hc_sinkhorn_iters", "index_topk", "o_groups"):
+            if getattr(self, field) < 1:
+                _fail(field, getattr(self, field), "expected an int >= 1")
+        for field in ("attn_chunk_size", "indexer_chunk_size"):
+            if getattr(self, field) < 1:
+                _fail(field, getattr(self, field), "expected an int >= 1 (query rows processed per chunk)")
+        qk, heads, n_routed = self.qk_rope_head_dim, self.num_attention_heads, self.n_routed_experts
+        checks = (
+            (heads % self.o_groups == 0, "o_groups", f"it must divide num_attention_heads ({heads})"),
+            (self.num_key_value_heads == 1, "num_key_value_heads", "V4 uses one shared KV head (MQA); use 1"),
+            (
+                qk > 0 and qk % 2 == 0 and qk <= min(self.head_dim, self.index_head_dim),
+                "qk_rope_head_dim",
+                f"expected even, in [2, min(head_dim, index_head_dim) = {min(self.head_dim, self.index_head_dim)}]; "
+                "adjust `partial_rotary_factor`",
+            ),
+            (
+                1 <= self.num_experts_per_tok <= n_routed,
+                "num_experts_per_tok",
+                f"expected 1..{n_routed} (n_routed_experts)",
+            ),
+            (
+                0 <= self.num_hash_layers <= self.num_hidden_layers,
+                "num_hash_layers",
+                f"expected 0..{self.num_hidden_layers} (num_hidden_layers)",
+            ),
+            (self.n_shared_experts in (0, 1), "n_shared_experts", "V4 has one shared expert per layer; use 1 (or 0)"),
+            (not self.tie_word_embeddings, "tie_word_embeddings", "V4 has separate embedding and LM head; use False"),
+            (self.scoring_func in SCORING_FUNCS, "scoring_func", f"expected one of {SCORING_FUNCS}"),
+            (self.ops_backend in OPS_BACKENDS, "ops_backend", f"expected one of {OPS_BACKENDS}"),
+            (self.expert_dtype in EXPERT_DTYPES, "expert_dtype", f"expected one of {EXPERT_DTYPES}"),
+        )
+        for ok, field, expected in checks:
+            if not ok:
+                _fail(field, getattr(self, field), expected)
+
+    def validate_v4_values(self) -> None:
+        """`@strict` class validator: re-checks every value, e.g. after attributes were edited."""
+        self._check_values()
+
+    def validate_layer_type(self) -> None:
+        """Narrows the base check to V4's three attention types and checks them against `compress_ratios`."""
+        self._check_schedule()
+
+    def validate_rope(self) -> None:
+        """Validates the `main` / `compress` entries separately (the base check expects layer-type keys)."""
+        params = getattr(self, "rope_parameters", None) or {}
+        for label in self._rope_type_labels:
+            sub = params.get(label)
+            if not isinstance(sub, dict):
+                continue
+            validation_fn = getattr(self, f"_validate_{sub.get('rope_type', 'default')}_rope_parameters", None)
+            if validation_fn is None:
+                continue
+            # The YaRN validator reads `self.rope_parameters[...]` directly, so point it at the sub-dict meanwhile.
+            self.rope_parameters = sub
+            try:
+                validation_fn(sub, ignore_keys=self.ignore_keys_at_rope_validation)
+            finally:
+                self.rope_parameters = params
+
+    # ---- helpers --------------------------------------------------------------------------------------------------
+
+    def layer_compress_ratio(self, layer_idx: int) -> int:
+        """Compression ratio of block `layer_idx` (0: sliding only, else the CSA / HCA rate); MTP blocks last."""
+        if not 0 <= layer_idx < len(self.compress_ratios):
+            raise IndexError(f"layer_idx {layer_idx} is out of range [0, {len(self.compress_ratios)}) (layers + MTP)")
+        return self.compress_ratios[layer_idx]
+
+    def is_hash_layer(self, layer_idx: int) -> bool:
+        """Whether block `layer_idx` routes by the frozen `tid2eid` table; always False for MTP blocks."""
+        if not 0 <= layer_idx < len(self.compress_ratios):
+            raise IndexError(f"layer_idx {layer_idx} is out of range [0, {len(self.compress_ratios)}) (layers + MTP)")
+        return layer_idx < self.num_hash_layers
+
+
+def _rename_type(params: dict[str, Any]) -> dict[str, Any]:
+    """Maps the legacy `type` key of a RoPE dict to `rope_type` (in place) and returns the dict."""
+    if "type" in params:
+        legacy = params.pop("type")
+        params.setdefault("rope_type", legacy)
+    return params
+
+
+__all__ = ["DeepseekV4Config", "official_compress_ratios"]
