@@ -16,10 +16,10 @@ import math
 import torch
 
 
-def rope_inv_freq(params: dict, rope_dim: int) -> torch.Tensor:
+def rope_inv_freq(params: dict, rope_dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Inverse frequencies `[rope_dim // 2]` (fp32) for one `rope_parameters` sub-dict ("default" or "yarn")."""
     theta = float(params["rope_theta"])
-    inv_freq = 1.0 / (theta ** (torch.arange(0, rope_dim, 2, dtype=torch.float32) / rope_dim))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rope_dim, 2, dtype=torch.float32, device=device) / rope_dim))
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type == "default":
         return inv_freq
@@ -37,16 +37,19 @@ def rope_inv_freq(params: dict, rope_dim: int) -> torch.Tensor:
     high = min(math.ceil(correction_dim(beta_slow)), rope_dim - 1)
     if low == high:
         high += 0.001
-    ramp = ((torch.arange(rope_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    ramp = ((torch.arange(rope_dim // 2, dtype=torch.float32, device=device) - low) / (high - low)).clamp(0, 1)
     return inv_freq * (1 - ramp) + (inv_freq / factor) * ramp
 
 
 class RopeTables:
-    """Per-device cache of the "main" and "compress" inverse frequencies of one config."""
+    """Per-device cache of the "main" and "compress" inverse frequencies of one config.
+
+    Computed lazily on the device of the first positions seen (never at construction, which may run on meta).
+    """
 
     def __init__(self, rope_parameters: dict, rope_dim: int):
         self.rope_dim = rope_dim
-        self._cpu = {name: rope_inv_freq(rope_parameters[name], rope_dim) for name in ("main", "compress")}
+        self.rope_parameters = {name: dict(rope_parameters[name]) for name in ("main", "compress")}
         self._by_device: dict[tuple[str, torch.device], torch.Tensor] = {}
 
     def cos_sin(self, name: str, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,7 +57,8 @@ class RopeTables:
         key = (name, positions.device)
         inv_freq = self._by_device.get(key)
         if inv_freq is None:
-            inv_freq = self._by_device[key] = self._cpu[name].to(positions.device)
+            inv_freq = rope_inv_freq(self.rope_parameters[name], self.rope_dim, positions.device)
+            self._by_device[key] = inv_freq
         angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq
         return angles.cos(), angles.sin()
 
