@@ -57,7 +57,9 @@ class DeepseekV4HCACompressor(nn.Module):
     def new_state(self, x: torch.Tensor) -> CompressorState:
         """Empty streaming state for a batch like `x [B, S, d]`."""
         width = self.kv_proj.out_features
-        return CompressorState.empty(x.shape[0], self.compress_rate, width, self.head_dim, self.overlap, x.device, x.dtype)
+        return CompressorState.empty(
+            x.shape[0], self.compress_rate, width, self.head_dim, self.overlap, x.device, x.dtype
+        )
 
     def compress(self, x: torch.Tensor, meta: BatchMeta, state: CompressorState | None) -> torch.Tensor:
         """Consume the new tokens of `x [B, S, d]`; returns the row-aligned entries `[B, N, D]` (x.dtype).
@@ -92,7 +94,9 @@ class DeepseekV4HCACompressor(nn.Module):
         if self.overlap:
             d = self.head_dim
             ca_kv = torch.cat([state.overlap_kv.unsqueeze(1), aligned_kv.view(b, n_windows, m, -1)[..., :d]], 1)
-            ca_score = torch.cat([state.overlap_score.unsqueeze(1), aligned_score.view(b, n_windows, m, -1)[..., :d]], 1)
+            ca_score = torch.cat(
+                [state.overlap_score.unsqueeze(1), aligned_score.view(b, n_windows, m, -1)[..., :d]], 1
+            )
             rows = torch.arange(b, device=x.device)
             state.overlap_kv, state.overlap_score = ca_kv[rows, done], ca_score[rows, done]
 

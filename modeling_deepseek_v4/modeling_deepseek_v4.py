@@ -269,9 +269,7 @@ class DeepseekV4Model(DeepseekV4PreTrainedModel):
         restore = (lambda t: t) if inverse is None else (lambda t: _rows_gather(t, inverse))
         router_logits = None
         if output_router_logits:
-            router_logits = tuple(
-                restore(r[0].view(b, s, -1)).reshape(b * s, -1) for r in routers if r is not None
-            )
+            router_logits = tuple(restore(r[0].view(b, s, -1)).reshape(b * s, -1) for r in routers if r is not None)
         return DeepseekV4ModelOutput(
             last_hidden_state=restore(hidden),
             past_key_values=cache,

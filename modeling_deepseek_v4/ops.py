@@ -101,7 +101,9 @@ def _forced_backend() -> str | None:
     if env in ("", "auto"):
         return None
     if env not in BACKEND_PRIORITY:
-        raise ValueError(f"{BACKEND_ENV_VAR}={env!r} is not a known ops backend; use one of {BACKEND_PRIORITY} or auto.")
+        raise ValueError(
+            f"{BACKEND_ENV_VAR}={env!r} is not a known ops backend; use one of {BACKEND_PRIORITY} or auto."
+        )
     return env
 
 

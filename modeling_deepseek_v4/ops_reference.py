@@ -74,7 +74,7 @@ def hc_post(f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Te
 def hc_head(
     x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, hc_eps: float, norm_eps: float
 ) -> torch.Tensor:
-    """Final stream collapse: `y = sum_i (sigmoid(mix_i * scale + base_i) + eps) X_i`. x `[B, S, n, d]` -> `[B, S, d]`."""
+    """Final collapse `y = sum_i (sigmoid(mix_i * scale + base_i) + eps) X_i`: x `[B, S, n, d]` -> `[B, S, d]`."""
     mixes = _hc_mixes(x, fn, norm_eps)
     pre = torch.sigmoid(mixes * scale.float() + base.float()) + hc_eps
     return (pre.unsqueeze(-1) * x.float()).sum(dim=-2).to(x.dtype)
@@ -180,7 +180,14 @@ def indexer_topk(
 
 
 def _band_logits(
-    qf: torch.Tensor, win: torch.Tensor, i0: int, i1: int, n_cached: int, window: int, start: torch.Tensor, scale: float
+    qf: torch.Tensor,
+    win: torch.Tensor,
+    i0: int,
+    i1: int,
+    n_cached: int,
+    window: int,
+    start: torch.Tensor,
+    scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Window logits of queries [i0, i1) over the contiguous key band they can reach: `[B, C, H, L]`, keys, j0."""
     j0 = max(0, i0 + n_cached - window + 1)

@@ -84,7 +84,7 @@ def record_indexer_margin():
     margins: list[float] = []
 
     def recording(q, keys, weights, positions, ratio, topk, chunk=256, head_group=8):
-        scores = (torch.relu(torch.einsum("bshd,bnd->bshn", q.double(), keys.double())) * weights.double()[..., None])
+        scores = torch.relu(torch.einsum("bshd,bnd->bshn", q.double(), keys.double())) * weights.double()[..., None]
         scores = scores.sum(2)
         limit = (positions + 1) // ratio
         causal = torch.arange(keys.shape[1]) < limit.unsqueeze(-1)
