@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from modeling_deepseek_v4 import DeepseekV4Cache
-from tests.conftest import tiny_model
+from tests.conftest import record_indexer_margin, tiny_model
 
 
 def incremental_logits(model, ids, chunks):
@@ -80,3 +80,16 @@ def test_beam_reorder_moves_every_state():
         a = model(nxt, past_key_values=cache).logits
         b = model(nxt, past_key_values=swapped).logits
     torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_incremental_equals_full_with_many_indexer_ties(schedule):
+    """One indexer head: ReLU zeros make exact score ties at the top-k boundary common. The lowest-index rule makes
+    every way of feeding the tokens select the same entries (native's `torch.topk` order would not)."""
+    model = tiny_model(schedule, index_n_heads=1)
+    ids = torch.randint(0, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad(), record_indexer_margin() as margins:
+        full = model(ids, use_cache=False).logits
+    assert min(margins) == 0.0, "the test needs inputs with exact ties at the selection boundary"
+    with torch.no_grad():
+        for chunks in ([17, 47], [30] + [1] * 34):
+            torch.testing.assert_close(incremental_logits(model, ids, chunks), full, atol=1e-5, rtol=0)
