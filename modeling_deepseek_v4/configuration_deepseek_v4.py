@@ -19,7 +19,8 @@ the base validator rejects. `rope_parameters` uses native's `{"main": ..., "comp
 
 Documented deviations from native (forward-math.md §10 row 13): without `compress_ratios` / `layer_types` the
 default schedule is the official V4-Flash pattern (sliding, sliding, then CSA on even and HCA on odd layers), not
-native's HCA, HCA, then alternating from HCA. `expert_dtype` stays a top-level field and is not copied into
+native's HCA, HCA, then alternating from HCA; without any rope settings the compressed layers get the official YaRN
+(factor 16 over 65536, beta 32 / 1), not native's unscaled default. `expert_dtype` stays a top-level field and is not copied into
 `quantization_config` (native >= 5.21 copies it). DeepSeek-V4.1 (`deepseek_v41`) is refused.
 """
 
@@ -45,6 +46,16 @@ ROPE_TYPES = ("default", "yarn")
 ACCEPTED_MODEL_TYPES = (None, "deepseek_v4", "deepseek_v4_ext")
 # Keys that only the reference `inference/config.json` (`ModelArgs`) uses.
 _MODEL_ARGS_KEYS = ("dim", "n_layers", "n_heads", "moe_inter_dim", "n_activated_experts", "n_hash_layers")
+
+
+# `rope_scaling` of the official root config.json (official-format.md §3), used when a config gives none.
+OFFICIAL_COMPRESS_YARN = {
+    "rope_type": "yarn",
+    "factor": 16,
+    "original_max_position_embeddings": 65536,
+    "beta_fast": 32,
+    "beta_slow": 1,
+}
 
 
 def official_compress_ratios(
@@ -280,6 +291,9 @@ class DeepseekV4Config(PreTrainedConfig):
             self.compress_rope_theta = compress.setdefault("rope_theta", self.compress_rope_theta)
         else:
             flat = scaling if scaling is not None else _rename_type(params)
+            if scaling is None and not params:
+                # Nothing given: the official V4 YaRN of the compressed layers, not native's unscaled default.
+                flat = dict(OFFICIAL_COMPRESS_YARN)
             main = {"rope_type": "default", "rope_theta": self.rope_theta}
             compress = {k: v for k, v in flat.items() if k not in self._rope_type_labels}
             compress["rope_theta"] = self.compress_rope_theta

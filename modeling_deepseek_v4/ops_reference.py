@@ -14,20 +14,29 @@ import torch
 import torch.nn.functional as F
 
 
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    """Accumulation dtype: fp32, or fp64 for fp64 inputs (so gradcheck in float64 sees float64 math)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _up(x: torch.Tensor) -> torch.Tensor:
+    return x.to(_acc_dtype(x))
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim in fp32; `weight` None gives the unweighted norm. Returns `x.dtype`."""
-    xf = x.float()
+    xf = _up(x)
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     if weight is not None:
-        y = weight.float() * y
+        y = _up(weight) * y
     return y.to(x.dtype)
 
 
 def _hc_mixes(x: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor:
     """[B, S, n, d] streams -> rs-scaled projections `(x_flat . fn^T) * rsqrt(mean(x^2) + eps)` in fp32."""
-    flat = x.flatten(-2).float()
+    flat = _up(x.flatten(-2))
     flat = flat * torch.rsqrt(flat.pow(2).mean(-1, keepdim=True) + norm_eps)
-    return F.linear(flat, fn.float())
+    return F.linear(flat, _up(fn))
 
 
 def hc_pre(
@@ -47,8 +56,8 @@ def hc_pre(
     """
     n = x.shape[-2]
     mixes = _hc_mixes(x, fn, norm_eps)
-    base = base.float()
-    scale = scale.float()
+    base = _up(base)
+    scale = _up(scale)
     pre = torch.sigmoid(mixes[..., :n] * scale[0] + base[:n]) + hc_eps
     post = 2 * torch.sigmoid(mixes[..., n : 2 * n] * scale[1] + base[n : 2 * n])
     comb = mixes[..., 2 * n :] * scale[2] + base[2 * n :]
@@ -57,7 +66,7 @@ def hc_pre(
     for _ in range(sinkhorn_iters - 1):
         comb = comb / (comb.sum(dim=-1, keepdim=True) + hc_eps)
         comb = comb / (comb.sum(dim=-2, keepdim=True) + hc_eps)
-    collapsed = (pre.unsqueeze(-1) * x.float()).sum(dim=-2).to(x.dtype)
+    collapsed = (pre.unsqueeze(-1) * _up(x)).sum(dim=-2).to(x.dtype)
     return collapsed, post, comb
 
 
@@ -67,7 +76,7 @@ def hc_post(f: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Te
     Args: f `[B, S, d]` sub-layer output; x `[B, S, n, d]` streams; post `[B, S, n]`; comb `[B, S, n, n]`.
     Returns `[B, S, n, d]` in x.dtype.
     """
-    out = post.unsqueeze(-1) * f.float().unsqueeze(-2) + torch.matmul(comb.transpose(-1, -2), x.float())
+    out = post.unsqueeze(-1) * _up(f).unsqueeze(-2) + torch.matmul(comb.transpose(-1, -2), _up(x))
     return out.to(x.dtype)
 
 
@@ -76,8 +85,8 @@ def hc_head(
 ) -> torch.Tensor:
     """Final collapse `y = sum_i (sigmoid(mix_i * scale + base_i) + eps) X_i`: x `[B, S, n, d]` -> `[B, S, d]`."""
     mixes = _hc_mixes(x, fn, norm_eps)
-    pre = torch.sigmoid(mixes * scale.float() + base.float()) + hc_eps
-    return (pre.unsqueeze(-1) * x.float()).sum(dim=-2).to(x.dtype)
+    pre = torch.sigmoid(mixes * _up(scale) + _up(base)) + hc_eps
+    return (pre.unsqueeze(-1) * _up(x)).sum(dim=-2).to(x.dtype)
 
 
 def compress_pool(
@@ -154,7 +163,7 @@ def indexer_topk(
     if k == 0:
         return out
     limits = (positions + 1) // ratio
-    qf, kf, wf = q.float(), keys.float(), weights.float()
+    qf, kf, wf = _up(q), _up(keys), _up(weights)
     for i0 in range(0, s, chunk):
         i1 = min(i0 + chunk, s)
         lim = limits[:, i0:i1]
@@ -167,7 +176,7 @@ def indexer_topk(
             # Every causal entry fits: no scoring needed (most queries of short sequences).
             out[:, i0:i1, :n_used] = torch.where(valid, cols, -1)
             continue
-        scores = torch.zeros(b, i1 - i0, n_used, device=q.device)
+        scores = torch.zeros(b, i1 - i0, n_used, dtype=qf.dtype, device=q.device)
         key_t = kf[:, :n_used].transpose(1, 2)
         for h0 in range(0, h, head_group):
             h1 = min(h0 + head_group, h)
@@ -192,7 +201,7 @@ def _band_logits(
     """Window logits of queries [i0, i1) over the contiguous key band they can reach: `[B, C, H, L]`, keys, j0."""
     j0 = max(0, i0 + n_cached - window + 1)
     j1 = i1 + n_cached
-    keys = win[:, j0:j1].float()
+    keys = _up(win[:, j0:j1])
     logits = torch.einsum("bqhd,bkd->bqhk", qf, keys) * scale
     qi = torch.arange(i0, i1, device=qf.device).view(1, -1, 1)
     kj = torch.arange(j0, j1, device=qf.device).view(1, 1, -1)
@@ -231,7 +240,7 @@ def sparse_attention(
     outputs = []
     for i0 in range(0, s, chunk):
         i1 = min(i0 + chunk, s)
-        qf = q[:, i0:i1].float()
+        qf = _up(q[:, i0:i1])
         logits, keys, _ = _band_logits(qf, window_kv, i0, i1, n_cached, window, start, scale)
         parts = [(logits, keys, None)]
         if compressed_kv is not None and compressed_kv.shape[1] > 0:
@@ -239,20 +248,20 @@ def sparse_attention(
                 limit = (start.view(-1, 1) + torch.arange(i0, i1, device=q.device) + 1) // ratio
                 n_used = min(int(limit.max()), compressed_kv.shape[1])
                 if n_used > 0:
-                    comp = compressed_kv[:, :n_used].float()
+                    comp = _up(compressed_kv[:, :n_used])
                     comp_logits = torch.einsum("bqhd,bkd->bqhk", qf, comp) * scale
                     seen = torch.arange(n_used, device=q.device).view(1, 1, -1) < limit.unsqueeze(-1)
                     parts.append((comp_logits.masked_fill(~seen.unsqueeze(2), float("-inf")), comp, None))
             else:
                 idx = topk_idx[:, i0:i1]
                 gathered = torch.gather(
-                    compressed_kv.float().unsqueeze(1).expand(-1, i1 - i0, -1, -1),
+                    _up(compressed_kv).unsqueeze(1).expand(-1, i1 - i0, -1, -1),
                     2,
                     idx.clamp(min=0).unsqueeze(-1).expand(-1, -1, -1, d),
                 )
                 comp_logits = torch.einsum("bqhd,bqkd->bqhk", qf, gathered) * scale
                 parts.append((comp_logits.masked_fill((idx < 0).unsqueeze(2), float("-inf")), None, gathered))
-        sink = sinks.float().view(1, 1, h, 1).expand(b, i1 - i0, h, 1)
+        sink = sinks.to(qf.dtype).view(1, 1, h, 1).expand(b, i1 - i0, h, 1)
         probs = torch.softmax(torch.cat([p[0] for p in parts] + [sink], dim=-1), dim=-1)
         out = torch.zeros_like(qf)
         offset = 0
@@ -270,7 +279,7 @@ def sparse_attention(
 
 def _swiglu(gate_up: torch.Tensor, limit: float) -> torch.Tensor:
     """Clamped SwiGLU in fp32: `silu(min(g, limit)) * clamp(u, -limit, limit)`; gate_up `[T, 2I]` (gate first)."""
-    gate, up = gate_up.float().chunk(2, dim=-1)
+    gate, up = _up(gate_up).chunk(2, dim=-1)
     return F.silu(gate.clamp(max=limit)) * up.clamp(min=-limit, max=limit)
 
 
@@ -291,7 +300,7 @@ def grouped_experts(
     swap what these tensors are).
     """
     t, k = topk_idx.shape
-    out = torch.zeros(t, x.shape[-1], dtype=torch.float32, device=x.device)
+    out = torch.zeros(t, x.shape[-1], dtype=_acc_dtype(x), device=x.device)
     flat_idx = topk_idx.reshape(-1)
     order = torch.argsort(flat_idx, stable=True)
     counts = torch.bincount(flat_idx, minlength=gate_up_proj.shape[0]).tolist()
@@ -303,7 +312,7 @@ def grouped_experts(
             continue
         rows = token_of[offset : offset + count]
         h = _swiglu(F.linear(x[rows], gate_up_proj[expert]), swiglu_limit)
-        h = (h * weight_of[offset : offset + count, None].float()).to(x.dtype)
-        out.index_add_(0, rows, F.linear(h, down_proj[expert]).float())
+        h = (h * _up(weight_of[offset : offset + count, None])).to(x.dtype)
+        out.index_add_(0, rows, _up(F.linear(h, down_proj[expert])))
         offset += count
     return out

@@ -122,7 +122,17 @@ def test_defaults_are_v4_flash():
     assert config.expert_dtype is None
     assert config.rope_parameters == {
         "main": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.125},
-        "compress": {"rope_type": "default", "rope_theta": 160000.0, "partial_rotary_factor": 0.125},
+        # No rope given: the official YaRN of the compressed layers (not native's unscaled default).
+        "compress": {
+            "rope_type": "yarn",
+            "factor": 16,
+            "original_max_position_embeddings": 65536,
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "rope_theta": 160000.0,
+            "partial_rotary_factor": 0.125,
+            "attention_factor": 1.0,
+        },
     }
     # Aliases as in native.
     assert config.num_local_experts == 256 and config.intermediate_size == 2048
