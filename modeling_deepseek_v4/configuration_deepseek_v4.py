@@ -20,8 +20,8 @@ the base validator rejects. `rope_parameters` uses native's `{"main": ..., "comp
 Documented deviations from native (forward-math.md §10 row 13): without `compress_ratios` / `layer_types` the
 default schedule is the official V4-Flash pattern (sliding, sliding, then CSA on even and HCA on odd layers), not
 native's HCA, HCA, then alternating from HCA; without any rope settings the compressed layers get the official YaRN
-(factor 16 over 65536, beta 32 / 1), not native's unscaled default. `expert_dtype` stays a top-level field and is not copied into
-`quantization_config` (native >= 5.21 copies it). DeepSeek-V4.1 (`deepseek_v41`) is refused.
+(factor 16 over 65536, beta 32 / 1), not native's unscaled default. `expert_dtype` stays a top-level field and is
+not copied into `quantization_config` (native >= 5.21 copies it). DeepSeek-V4.1 (`deepseek_v41`) is refused.
 """
 
 import copy
