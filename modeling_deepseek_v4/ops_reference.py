@@ -122,16 +122,40 @@ def compress_pool(
 
 
 def _select_topk_lowest_index(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Top-k column indices per row of `scores` [..., n], ties broken by the lowest index, returned ascending."""
+    """Top-k column indices per row of `scores` [R, n], ties broken by the lowest index (any order).
+
+    fp32 scores are packed with their column into one int64 key (order-preserving float bits, then the inverted
+    column), so a single `topk` is exact; other dtypes take a threshold-and-count path.
+    """
+    cols = torch.arange(scores.shape[-1], device=scores.device)
+    if scores.dtype == torch.float32:
+        # `+ 0.0` folds -0.0 into +0.0 so that both count as the same score.
+        bits = (scores + 0.0).view(torch.int32)
+        key = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(torch.int64) << 32
+        return key.add_((2**32 - 1) - cols).topk(k, dim=-1, sorted=False).indices
     thr = scores.topk(k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
     greater = scores > thr
     equal = scores == thr
     need = k - greater.sum(dim=-1, keepdim=True)
     selected = greater | (equal & (equal.cumsum(dim=-1) <= need))
     rank = torch.where(selected, selected.cumsum(dim=-1) - 1, k)
-    cols = torch.arange(scores.shape[-1], device=scores.device).expand_as(scores)
     out = torch.zeros(*scores.shape[:-1], k + 1, dtype=torch.long, device=scores.device)
-    return out.scatter_(-1, rank, cols)[..., :k]
+    return out.scatter_(-1, rank, cols.expand_as(scores))[..., :k]
+
+
+def _topk_lowest_index(scores: torch.Tensor, limit: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k of `scores [R, n]` (-inf where not causal) with the lowest-index tie rule, ascending; `[R, k]`.
+
+    One `topk(k + 1)` decides every row whose k-th and (k+1)-th scores differ (the selected set is then unique);
+    only rows with a tie at that boundary take the slower exact path.
+    """
+    values, index = scores.topk(k + 1, dim=-1)
+    selected = index[:, :k]
+    tied = (values[:, k - 1] == values[:, k]) & (limit > k)
+    if bool(tied.any()):
+        selected = selected.clone()
+        selected[tied] = _select_topk_lowest_index(scores[tied], k)
+    return selected.sort(dim=-1).values
 
 
 def indexer_topk(
@@ -170,20 +194,25 @@ def indexer_topk(
         n_used = min(int(lim.max()), n)
         if n_used == 0:
             continue
-        cols = torch.arange(n_used, device=q.device)
-        valid = cols < lim.unsqueeze(-1)
         if n_used <= k:
             # Every causal entry fits: no scoring needed (most queries of short sequences).
-            out[:, i0:i1, :n_used] = torch.where(valid, cols, -1)
+            cols = torch.arange(n_used, device=q.device)
+            out[:, i0:i1, :n_used] = torch.where(cols < lim.unsqueeze(-1), cols, -1)
             continue
-        scores = torch.zeros(b, i1 - i0, n_used, dtype=qf.dtype, device=q.device)
+        c = i1 - i0
         key_t = kf[:, :n_used].transpose(1, 2)
+        scores = None
         for h0 in range(0, h, head_group):
             h1 = min(h0 + head_group, h)
-            logits = torch.matmul(qf[:, i0:i1, h0:h1], key_t.unsqueeze(1))
-            scores += (torch.relu(logits) * wf[:, i0:i1, h0:h1].unsqueeze(-1)).sum(dim=2)
-        scores = scores.masked_fill(~valid, float("-inf"))
-        idx = _select_topk_lowest_index(scores, k)
+            # One GEMM with M = chunk * heads, then a weighted sum over heads as a batched GEMV.
+            logits = torch.bmm(qf[:, i0:i1, h0:h1].reshape(b, c * (h1 - h0), -1), key_t).relu_()
+            part = torch.matmul(wf[:, i0:i1, h0:h1].unsqueeze(-2), logits.view(b, c, h1 - h0, n_used)).squeeze(-2)
+            scores = part if scores is None else scores.add_(part)
+        # Only columns past the smallest causal limit of the chunk can be non-causal.
+        lo = min(int(lim.min()), n_used)
+        tail = torch.arange(lo, n_used, device=q.device)
+        scores[..., lo:].masked_fill_(tail >= lim.unsqueeze(-1), float("-inf"))
+        idx = _topk_lowest_index(scores.view(b * c, n_used), lim.reshape(-1), k).view(b, c, k)
         out[:, i0:i1] = torch.where(idx < lim.unsqueeze(-1), idx, -1)
     return out
 
