@@ -218,25 +218,18 @@ def indexer_topk(
 
 
 def _band_logits(
-    qf: torch.Tensor,
-    win: torch.Tensor,
-    i0: int,
-    i1: int,
-    n_cached: int,
-    window: int,
-    start: torch.Tensor,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Window logits of queries [i0, i1) over the contiguous key band they can reach: `[B, C, H, L]`, keys, j0."""
+    qf: torch.Tensor, win: torch.Tensor, i0: int, i1: int, n_cached: int, window: int, start: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Window logits of queries [i0, i1) over the contiguous key band they can reach: `[B, C, H, L]`, keys."""
     j0 = max(0, i0 + n_cached - window + 1)
     j1 = i1 + n_cached
     keys = _up(win[:, j0:j1])
-    logits = torch.einsum("bqhd,bkd->bqhk", qf, keys) * scale
+    logits = torch.einsum("bqhd,bkd->bqhk", qf, keys)
     qi = torch.arange(i0, i1, device=qf.device).view(1, -1, 1)
     kj = torch.arange(j0, j1, device=qf.device).view(1, 1, -1)
     dist = qi + n_cached - kj
-    allowed = (dist >= 0) & (dist < window) & (kj >= (n_cached - start).view(-1, 1, 1))
-    return logits.masked_fill(~allowed.unsqueeze(2), float("-inf")), keys, j0
+    hidden = (dist < 0) | (dist >= window) | (kj < (n_cached - start).view(-1, 1, 1))
+    return logits.masked_fill_(hidden.unsqueeze(2), float("-inf")), keys
 
 
 def sparse_attention(
@@ -266,43 +259,49 @@ def sparse_attention(
     """
     b, s, h, d = q.shape
     n_cached = window_kv.shape[1] - s
+    comp_all = None if compressed_kv is None or compressed_kv.shape[1] == 0 else _up(compressed_kv)
+    sink = sinks.to(_acc_dtype(q)).view(1, 1, h, 1)
     outputs = []
     for i0 in range(0, s, chunk):
         i1 = min(i0 + chunk, s)
-        qf = _up(q[:, i0:i1])
-        logits, keys, _ = _band_logits(qf, window_kv, i0, i1, n_cached, window, start, scale)
-        parts = [(logits, keys, None)]
-        if compressed_kv is not None and compressed_kv.shape[1] > 0:
-            if topk_idx is None:
-                limit = (start.view(-1, 1) + torch.arange(i0, i1, device=q.device) + 1) // ratio
-                n_used = min(int(limit.max()), compressed_kv.shape[1])
-                if n_used > 0:
-                    comp = _up(compressed_kv[:, :n_used])
-                    comp_logits = torch.einsum("bqhd,bkd->bqhk", qf, comp) * scale
-                    seen = torch.arange(n_used, device=q.device).view(1, 1, -1) < limit.unsqueeze(-1)
-                    parts.append((comp_logits.masked_fill(~seen.unsqueeze(2), float("-inf")), comp, None))
-            else:
-                idx = topk_idx[:, i0:i1]
-                gathered = torch.gather(
-                    _up(compressed_kv).unsqueeze(1).expand(-1, i1 - i0, -1, -1),
-                    2,
-                    idx.clamp(min=0).unsqueeze(-1).expand(-1, -1, -1, d),
-                )
-                comp_logits = torch.einsum("bqhd,bqkd->bqhk", qf, gathered) * scale
-                parts.append((comp_logits.masked_fill((idx < 0).unsqueeze(2), float("-inf")), None, gathered))
-        sink = sinks.to(qf.dtype).view(1, 1, h, 1).expand(b, i1 - i0, h, 1)
-        probs = torch.softmax(torch.cat([p[0] for p in parts] + [sink], dim=-1), dim=-1)
-        out = torch.zeros_like(qf)
-        offset = 0
-        for part_logits, shared_keys, per_query_keys in parts:
-            width = part_logits.shape[-1]
-            p = probs[..., offset : offset + width]
-            offset += width
-            if shared_keys is not None:
-                out = out + torch.einsum("bqhk,bkd->bqhd", p, shared_keys)
-            else:
-                out = out + torch.einsum("bqhk,bqkd->bqhd", p, per_query_keys)
-        outputs.append(out.to(q.dtype))
+        # The softmax scale goes on q (smaller than the logits).
+        qf = _up(q[:, i0:i1]) * scale
+        logits, keys = _band_logits(qf, window_kv, i0, i1, n_cached, window, start)
+        parts = [(logits, "bqhk,bkd->bqhd", keys)]
+        if comp_all is not None and topk_idx is None:
+            limit = (start.view(-1, 1) + torch.arange(i0, i1, device=q.device) + 1) // ratio
+            n_used = min(int(limit.max()), comp_all.shape[1])
+            if n_used > 0:
+                comp = comp_all[:, :n_used]
+                comp_logits = torch.einsum("bqhd,bkd->bqhk", qf, comp)
+                # Entries below the chunk's smallest limit are visible to every query: mask the tail only.
+                lo = min(int(limit.min()), n_used)
+                tail = torch.arange(lo, n_used, device=q.device).view(1, 1, -1) >= limit.unsqueeze(-1)
+                comp_logits[..., lo:].masked_fill_(tail.unsqueeze(2), float("-inf"))
+                parts.append((comp_logits, "bqhk,bkd->bqhd", comp))
+        elif comp_all is not None:
+            idx = topk_idx[:, i0:i1]
+            gathered = torch.gather(
+                comp_all.unsqueeze(1).expand(-1, i1 - i0, -1, -1),
+                2,
+                idx.clamp(min=0).unsqueeze(-1).expand(-1, -1, -1, d),
+            )
+            comp_logits = torch.einsum("bqhd,bqkd->bqhk", qf, gathered)
+            parts.append(
+                (comp_logits.masked_fill_((idx < 0).unsqueeze(2), float("-inf")), "bqhk,bqkd->bqhd", gathered)
+            )
+        # One softmax over [window | compressed | sink] without concatenating: shared max, exp, one denominator.
+        # The max is detached: the softmax does not depend on it.
+        peak = torch.stack([p[0].amax(dim=-1, keepdim=True) for p in parts], dim=0).amax(dim=0)
+        peak = torch.maximum(peak, sink).detach()
+        denom = torch.exp(sink - peak)
+        out = None
+        for part_logits, equation, values in parts:
+            probs = (part_logits - peak).exp_()
+            denom = denom + probs.sum(dim=-1, keepdim=True)
+            term = torch.einsum(equation, probs, values)
+            out = term if out is None else out + term
+        outputs.append((out / denom).to(q.dtype))
     return torch.cat(outputs, dim=1)
 
 
