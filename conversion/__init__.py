@@ -1,0 +1,16 @@
+"""Official DeepSeek-V4 checkpoints <-> this plugin's Hugging Face format (installed as
+`modeling_deepseek_v4.conversion`; console script `dsv4-convert`). Spec: docs/official-format.md."""
+
+from .checkpoint import ConversionError
+from .to_official import convert_plugin_to_official
+from .to_plugin import convert_official_to_plugin
+from .transcode import transcode_experts_to_fp8
+from .verify import verify_folder
+
+__all__ = [
+    "ConversionError",
+    "convert_official_to_plugin",
+    "convert_plugin_to_official",
+    "transcode_experts_to_fp8",
+    "verify_folder",
+]

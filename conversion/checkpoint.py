@@ -1,0 +1,272 @@
+"""Reading and writing sharded safetensors checkpoints safely (used by both conversion directions).
+
+- `SourceCheckpoint` validates a folder before any data is read: the index (or the shard list), every shard's
+  header (length, JSON, dtypes, byte ranges inside the file, i.e. not truncated), and that the index and the
+  headers agree. Errors name the file and the tensor and say what to do.
+- `ShardedWriter` writes output shards of a fixed plan into a temporary folder next to the destination, verifies
+  each shard after writing, and renames the folder into place at the end (`finalize`). Shards that are already
+  complete in the temporary folder are skipped on `--resume`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+# safetensors dtype strings -> (torch dtype, bytes per element)
+DTYPES = {
+    "F64": (torch.float64, 8),
+    "F32": (torch.float32, 4),
+    "BF16": (torch.bfloat16, 2),
+    "F16": (torch.float16, 2),
+    "I64": (torch.int64, 8),
+    "I32": (torch.int32, 4),
+    "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1),
+    "BOOL": (torch.bool, 1),
+    "F8_E4M3": (torch.float8_e4m3fn, 1),
+    "F8_E8M0": (torch.float8_e8m0fnu, 1),
+}
+TORCH_TO_ST = {v[0]: k for k, v in DTYPES.items()}
+
+
+class ConversionError(ValueError):
+    """A bad input checkpoint or an impossible request; the message names the file / tensor and the fix."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = DTYPES[self.dtype][1]
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def read_header(path: Path) -> dict:
+    """Parse and check a safetensors header without reading tensor data; raises `ConversionError`."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ConversionError(f"{path}: file is truncated ({size} bytes); re-download this shard.")
+        (length,) = struct.unpack("<Q", raw)
+        if length <= 0 or 8 + length > size:
+            raise ConversionError(
+                f"{path}: corrupt safetensors header (declares {length} header bytes, file has {size}); "
+                "re-download this shard."
+            )
+        try:
+            header = json.loads(f.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConversionError(f"{path}: corrupt safetensors header ({exc}); re-download this shard.") from None
+    if not isinstance(header, dict):
+        raise ConversionError(f"{path}: corrupt safetensors header (not a JSON object); re-download this shard.")
+    data_size = size - 8 - length
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(meta, dict) or meta.get("dtype") not in DTYPES or "data_offsets" not in meta:
+            raise ConversionError(f"{path}: tensor {name!r} has an unsupported or malformed header entry {meta}.")
+        begin, end = meta["data_offsets"]
+        expected = DTYPES[meta["dtype"]][1]
+        for d in meta["shape"]:
+            expected *= d
+        if end - begin != expected or end > data_size:
+            raise ConversionError(
+                f"{path}: tensor {name!r} lies outside the file or has a wrong byte size (file truncated or "
+                "corrupt); re-download this shard."
+            )
+    return header
+
+
+class SourceCheckpoint:
+    """A validated folder of safetensors shards (`model.safetensors.index.json`, or the shards themselves)."""
+
+    def __init__(self, folder: str | os.PathLike, index_name: str = "model.safetensors.index.json"):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise ConversionError(f"{self.folder}: not a folder; pass the checkpoint directory.")
+        index_path = self.folder / index_name
+        if index_path.exists():
+            try:
+                weight_map = json.loads(index_path.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise ConversionError(f"{index_path}: unreadable index ({exc}).") from None
+            files = sorted(set(weight_map.values()))
+        else:
+            prefix = index_name.split(".safetensors")[0]
+            files = sorted(p.name for p in self.folder.glob(f"{prefix}*.safetensors"))
+            weight_map = None
+            if not files:
+                raise ConversionError(f"{self.folder}: no *.safetensors files and no {index_name}.")
+        self.tensors: dict[str, TensorInfo] = {}
+        for file in files:
+            path = self.folder / file
+            if not path.exists():
+                missing_for = next(n for n, f in weight_map.items() if f == file)
+                raise ConversionError(
+                    f"{path}: shard listed in {index_name} (e.g. for tensor {missing_for!r}) is missing; "
+                    "download it and retry."
+                )
+            for name, meta in read_header(path).items():
+                if name != "__metadata__":
+                    self.tensors[name] = TensorInfo(name, file, meta["dtype"], tuple(meta["shape"]))
+        if weight_map is not None:
+            for name, file in weight_map.items():
+                info = self.tensors.get(name)
+                if info is None or info.file != file:
+                    raise ConversionError(
+                        f"{index_path}: tensor {name!r} is mapped to {file} but that shard does not contain it."
+                    )
+        self.files = files
+        self._open: dict[str, object] = {}
+
+    def load(self, name: str) -> torch.Tensor:
+        """Load one tensor (memory-mapped shard; only this tensor's bytes are read)."""
+        info = self.tensors[name]
+        handle = self._open.get(info.file)
+        if handle is None:
+            handle = self._open[info.file] = safe_open(str(self.folder / info.file), "pt")
+        return handle.get_tensor(name)
+
+    def close(self, file: str | None = None) -> None:
+        for key in [file] if file else list(self._open):
+            self._open.pop(key, None)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+@dataclass
+class ShardPlan:
+    """Which output tensors go into which output shard (deterministic, so `--resume` can match shards)."""
+
+    shards: list[list[str]] = field(default_factory=list)
+    sizes: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, ordered: Iterable[tuple[str, int]], max_bytes: int) -> ShardPlan:
+        plan, current, used = cls(), [], 0
+        for name, nbytes in ordered:
+            if current and used + nbytes > max_bytes:
+                plan.shards.append(current)
+                current, used = [], 0
+            current.append(name)
+            used += nbytes
+            plan.sizes[name] = nbytes
+        if current:
+            plan.shards.append(current)
+        return plan
+
+    def file_name(self, i: int, prefix: str = "model") -> str:
+        n = len(self.shards)
+        return f"{prefix}.safetensors" if n == 1 else f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors"
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.sizes.values())
+
+
+class ShardedWriter:
+    """Writes the tensors of a `ShardPlan` as they arrive; each shard is flushed once all its tensors are in."""
+
+    def __init__(self, tmp_dir: Path, plan: ShardPlan, prefix: str = "model", resume: bool = False, progress=None):
+        self.tmp_dir, self.plan, self.prefix, self.progress = tmp_dir, plan, prefix, progress
+        self.shard_of = {name: i for i, names in enumerate(plan.shards) for name in names}
+        self.pending: dict[int, dict[str, torch.Tensor]] = {}
+        self.done: set[int] = set()
+        if resume:
+            for i in range(len(plan.shards)):
+                if self._verify(i):
+                    self.done.add(i)
+                    if progress is not None:
+                        progress.update(sum(plan.sizes[n] for n in plan.shards[i]))
+
+    def _verify(self, i: int) -> bool:
+        path = self.tmp_dir / self.plan.file_name(i, self.prefix)
+        if not path.exists():
+            return False
+        try:
+            header = read_header(path)
+        except ConversionError:
+            return False
+        names = {n for n in header if n != "__metadata__"}
+        return names == set(self.plan.shards[i]) and all(
+            DTYPES[header[n]["dtype"]][1] * _prod(header[n]["shape"]) == self.plan.sizes[n] for n in names
+        )
+
+    def wants(self, name: str) -> bool:
+        """False when the tensor's shard is already complete (resume), so the caller can skip computing it."""
+        return self.shard_of[name] not in self.done
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        i = self.shard_of.get(name)
+        if i is None:
+            raise ConversionError(f"internal: tensor {name!r} is not in the output plan.")
+        if i in self.done:
+            return
+        nbytes = tensor.numel() * tensor.element_size()
+        if nbytes != self.plan.sizes[name]:
+            raise ConversionError(f"tensor {name!r}: {nbytes} bytes produced, {self.plan.sizes[name]} planned.")
+        shard = self.pending.setdefault(i, {})
+        shard[name] = tensor.contiguous()
+        if len(shard) == len(self.plan.shards[i]):
+            path = self.tmp_dir / self.plan.file_name(i, self.prefix)
+            partial = path.with_suffix(".partial")
+            save_file(self.pending.pop(i), str(partial), metadata={"format": "pt"})
+            os.replace(partial, path)
+            self.done.add(i)
+            if self.progress is not None:
+                self.progress.update(sum(self.plan.sizes[n] for n in self.plan.shards[i]))
+
+    def finish(self) -> None:
+        missing = [self.plan.file_name(i, self.prefix) for i in range(len(self.plan.shards)) if i not in self.done]
+        if missing:
+            raise ConversionError(f"internal: output shards {missing} were not completed.")
+        weight_map = {name: self.plan.file_name(i, self.prefix) for name, i in self.shard_of.items()}
+        index = {"metadata": {"total_size": self.plan.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.tmp_dir / f"{self.prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _prod(shape: Iterable[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def temp_dir_for(destination: Path) -> Path:
+    return destination.parent / f".{destination.name}.dsv4-partial"
+
+
+def check_disk_space(destination: Path, needed: int) -> None:
+    free = shutil.disk_usage(destination.parent).free
+    if free < needed * 1.05:
+        raise ConversionError(
+            f"{destination.parent}: {free / 1e9:.2f} GB free, the output needs about {needed / 1e9:.2f} GB; "
+            "free some space or choose another destination."
+        )
+
+
+def finalize(tmp_dir: Path, destination: Path) -> None:
+    """Atomically move the finished temporary folder into place (the destination must not exist)."""
+    if destination.exists():
+        raise ConversionError(f"{destination}: already exists; remove it or choose another destination.")
+    os.replace(tmp_dir, destination)

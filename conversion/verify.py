@@ -1,0 +1,63 @@
+"""`verify`: check that a converted plugin folder is complete and, given the official source, that a sample of
+tensors dequantizes identically."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+from modeling_deepseek_v4 import DeepseekV4Config
+
+from .checkpoint import ConversionError, SourceCheckpoint
+from .official_config import read_official_config
+from .to_plugin import _build, _expected_state, _map_sources
+
+
+def verify_folder(folder: str | Path, source: str | Path | None = None, samples: int = 8, seed: int = 0) -> dict:
+    """Raise `ConversionError` naming the first problem; return a summary dict when the folder is sound."""
+    folder = Path(folder)
+    try:
+        config = DeepseekV4Config.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        raise ConversionError(f"{folder}: unreadable config.json ({exc}).") from None
+    out = SourceCheckpoint(folder)
+    expected = _expected_state(config)
+    keep = getattr(config, "dsv4_quantization", None) is not None
+    for name, shape in expected.items():
+        info = out.tensors.get(name)
+        if info is None:
+            raise ConversionError(f"{folder}: tensor {name!r} is missing from the index / shards.")
+        got = tuple(info.shape)
+        if info.dtype == "I8":
+            got = (*got[:-1], got[-1] * 2)
+        if got != tuple(shape):
+            raise ConversionError(f"{folder / info.file}: tensor {name!r} has shape {got}, the config says {shape}.")
+        if info.dtype in ("I8", "F8_E4M3") and not keep:
+            raise ConversionError(f"{folder / info.file}: {name!r} is quantized but the config is not a keep folder.")
+    extra = [n for n in out.tensors if n not in expected and not n.endswith("_scale_inv")]
+    if extra:
+        raise ConversionError(f"{folder}: unexpected tensors {extra[:5]}.")
+    checked = []
+    if source is not None:
+        src = SourceCheckpoint(source)
+        read_official_config(Path(source))
+        outputs = _map_sources(src, expected, config.num_nextn_predict_layers)
+        names = sorted(outputs)
+        for name in random.Random(seed).sample(names, min(samples, len(names))):
+            o = outputs[name]
+            stored = out.load(name)
+            mode = (
+                "keep" if keep else ("fp32" if stored.dtype == torch.float32 and o.source_dtype != "F32" else "bf16")
+            )
+            built = _build(o, {p: src.load(p) for p in o.pieces}, mode)[name]
+            if built.dtype != stored.dtype:
+                built = built.to(stored.dtype)
+            if not torch.equal(
+                built.view(torch.uint8) if built.dtype in (torch.float8_e4m3fn,) else built,
+                stored.view(torch.uint8) if stored.dtype in (torch.float8_e4m3fn,) else stored,
+            ):
+                raise ConversionError(f"{folder}: tensor {name!r} differs from its dequantized official source.")
+            checked.append(name)
+    return {"tensors": len(out.tensors), "expected": len(expected), "sampled_equal": checked}
