@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 # safetensors dtype strings -> (torch dtype, bytes per element)
 DTYPES = {
@@ -49,6 +47,7 @@ class TensorInfo:
     file: str
     dtype: str
     shape: tuple[int, ...]
+    offset: int = 0  # absolute byte offset of the data in the file
 
     @property
     def nbytes(self) -> int:
@@ -56,6 +55,33 @@ class TensorInfo:
         for d in self.shape:
             n *= d
         return n
+
+
+def _header_length(path: Path) -> int:
+    with open(path, "rb") as f:
+        return struct.unpack("<Q", f.read(8))[0]
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file streaming each tensor's bytes (no serialized copy of the whole shard in memory)."""
+    header: dict[str, object] = {"__metadata__": metadata or {}}
+    offset = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        header[name] = {
+            "dtype": TORCH_TO_ST[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for tensor in tensors.values():
+            if tensor.numel():
+                f.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
 
 
 def read_header(path: Path) -> dict:
@@ -124,9 +150,12 @@ class SourceCheckpoint:
                     f"{path}: shard listed in {index_name} (e.g. for tensor {missing_for!r}) is missing; "
                     "download it and retry."
                 )
-            for name, meta in read_header(path).items():
+            header = read_header(path)
+            data_start = 8 + _header_length(path)
+            for name, meta in header.items():
                 if name != "__metadata__":
-                    self.tensors[name] = TensorInfo(name, file, meta["dtype"], tuple(meta["shape"]))
+                    begin = data_start + meta["data_offsets"][0]
+                    self.tensors[name] = TensorInfo(name, file, meta["dtype"], tuple(meta["shape"]), begin)
         if weight_map is not None:
             for name, file in weight_map.items():
                 info = self.tensors.get(name)
@@ -135,19 +164,22 @@ class SourceCheckpoint:
                         f"{index_path}: tensor {name!r} is mapped to {file} but that shard does not contain it."
                     )
         self.files = files
-        self._open: dict[str, object] = {}
+        # Names the index lists (what `from_pretrained` will load); all header tensors when there is no index.
+        self.indexed = set(weight_map) if weight_map is not None else set(self.tensors)
 
     def load(self, name: str) -> torch.Tensor:
-        """Load one tensor (memory-mapped shard; only this tensor's bytes are read)."""
+        """Read one tensor into fresh memory with plain reads (no memory map: mapped pages would count in the
+        process's resident memory on top of the copy, doubling the peak for large tensors)."""
         info = self.tensors[name]
-        handle = self._open.get(info.file)
-        if handle is None:
-            handle = self._open[info.file] = safe_open(str(self.folder / info.file), "pt")
-        return handle.get_tensor(name)
+        data = torch.empty(info.nbytes, dtype=torch.uint8)
+        with open(self.folder / info.file, "rb") as f:
+            f.seek(info.offset)
+            if f.readinto(memoryview(data.numpy())) != info.nbytes:
+                raise ConversionError(f"{self.folder / info.file}: tensor {name!r} is truncated; re-download it.")
+        return data.view(DTYPES[info.dtype][0]).reshape(info.shape)
 
     def close(self, file: str | None = None) -> None:
-        for key in [file] if file else list(self._open):
-            self._open.pop(key, None)
+        """Kept for callers that release a shard when done with it (reads hold no open handles)."""
 
     @property
     def total_bytes(self) -> int:
@@ -230,7 +262,7 @@ class ShardedWriter:
         if len(shard) == len(self.plan.shards[i]):
             path = self.tmp_dir / self.plan.file_name(i, self.prefix)
             partial = path.with_suffix(".partial")
-            save_file(self.pending.pop(i), str(partial), metadata={"format": "pt"})
+            write_safetensors(partial, self.pending.pop(i), metadata={"format": "pt"})
             os.replace(partial, path)
             self.done.add(i)
             if self.progress is not None:

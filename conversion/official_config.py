@@ -48,6 +48,8 @@ _COPIED = (
     "compress_rope_theta",
     "compress_ratios",
     "expert_dtype",
+    # Not in official files; toy checkpoints with other CSA / HCA rates carry it.
+    "compress_rates",
 )
 # Keys that exist only in official files and have no meaning for the plugin config.
 _DROP = ("torch_dtype", "transformers_version", "architectures", "auto_map", "dtype", "scale_fmt", "scale_dtype")

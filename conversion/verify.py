@@ -26,7 +26,7 @@ def verify_folder(folder: str | Path, source: str | Path | None = None, samples:
     expected = _expected_state(config)
     keep = getattr(config, "dsv4_quantization", None) is not None
     for name, shape in expected.items():
-        info = out.tensors.get(name)
+        info = out.tensors.get(name) if name in out.indexed else None
         if info is None:
             raise ConversionError(f"{folder}: tensor {name!r} is missing from the index / shards.")
         got = tuple(info.shape)

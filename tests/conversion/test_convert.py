@@ -239,3 +239,42 @@ def test_unsupported_variants_are_refused(tmp_path, variant):
 def test_cli_reports_errors_with_exit_code(tmp_path, capsys):
     assert cli(["to-hf", str(tmp_path / "nope"), str(tmp_path / "hf")]) == 2
     assert "dsv4-convert: error" in capsys.readouterr().err
+
+
+def test_base_variant_with_fp8_experts_and_float32_scales(tmp_path):
+    official = make_official_checkpoint(tmp_path / "official", tiny_config(), n_shards=2, expert_format="fp8")
+    convert_official_to_plugin(official.folder, tmp_path / "hf", dtype="fp32", progress=False)
+    state = DeepseekV4ForCausalLM.from_pretrained(tmp_path / "hf").state_dict()
+    for name, ref in official.reference.items():
+        assert torch.equal(state[name], ref.to(state[name].dtype)), name
+
+
+def test_inference_config_is_used_when_root_config_is_missing(tmp_path):
+    official = make_official_checkpoint(tmp_path / "official", tiny_config(), n_shards=2)
+    root = json.loads((official.folder / "config.json").read_text())
+    names = {"hidden_size": "dim", "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads"}
+    names.update({"moe_intermediate_size": "moe_inter_dim", "num_experts_per_tok": "n_activated_experts"})
+    names.update({"routed_scaling_factor": "route_scale", "num_hash_layers": "n_hash_layers"})
+    names.update({"sliding_window": "window_size", "qk_rope_head_dim": "rope_head_dim", "rms_norm_eps": "norm_eps"})
+    args = {names.get(k, k): v for k, v in root.items() if k not in ("rope_scaling", "quantization_config")}
+    yarn = root["rope_scaling"]
+    args.update(rope_factor=yarn["factor"], original_seq_len=yarn["original_max_position_embeddings"])
+    args.update(beta_fast=yarn["beta_fast"], beta_slow=yarn["beta_slow"])
+    (official.folder / "inference").mkdir()
+    (official.folder / "inference" / "config.json").write_text(json.dumps(args))
+    (official.folder / "config.json").unlink()
+    convert_official_to_plugin(official.folder, tmp_path / "hf", dtype="fp32", progress=False)
+    model = DeepseekV4ForCausalLM.from_pretrained(tmp_path / "hf")
+    assert model.config.compress_ratios == root["compress_ratios"]
+    assert model.config.rope_parameters["compress"]["factor"] == yarn["factor"]
+
+
+def test_verify_reports_an_incomplete_folder(tmp_path):
+    official = make_official_checkpoint(tmp_path / "official", tiny_config(), n_shards=2)
+    convert_official_to_plugin(official.folder, tmp_path / "hf", shard_size=SHARD, progress=False)
+    assert cli(["verify", str(tmp_path / "hf"), "--source", str(official.folder)]) == 0
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    index["weight_map"].pop("model.layers.1.self_attn.sinks")
+    (tmp_path / "hf" / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ConversionError, match="sinks"):
+        verify_folder(tmp_path / "hf")
