@@ -11,7 +11,8 @@ def test_demo_runs_and_checks_itself(tmp_path, capsys):
     assert main(["demo", "--output-dir", str(tmp_path), "--new-tokens", "6"]) == 0
     out = capsys.readouterr().out
     assert "demo OK" in out and "reloaded with AutoModelForCausalLM.from_pretrained" in out
-    assert (tmp_path / "config.json").exists() and (tmp_path / "model.safetensors").exists()
+    assert "official layout (FP8 + FP4 experts)" in out and "converted back with dsv4-convert" in out
+    assert (tmp_path / "official" / "config.json").exists() and (tmp_path / "converted" / "config.json").exists()
 
 
 def test_imports_and_runs_with_triton_bitsandbytes_and_peft_blocked():
