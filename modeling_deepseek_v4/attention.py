@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .cache import DeepseekV4LayerCache
+from .cache import DeepseekV4LayerCache, LayerRecord, last_valid_window
 from .compressor import DeepseekV4CSACompressor, DeepseekV4HCACompressor
 from .hyper_connection import DeepseekV4RMSNorm
 from .ops import rms_norm, sparse_attention
@@ -44,13 +44,6 @@ class DeepseekV4GroupedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"groups={self.n_groups}, in_per_group={self.in_features}, out={self.out_features}"
-
-
-def _last_valid_window(keys: torch.Tensor, lengths: torch.Tensor, n_cached: int, keep: int) -> torch.Tensor:
-    """The `keep` keys before each row's first pad: `keys [B, P + S, D]` -> `[B, keep, D]`."""
-    end = (lengths + n_cached).unsqueeze(1)
-    index = (end - keep + torch.arange(keep, device=keys.device)).clamp(min=0)
-    return torch.gather(keys, 1, index.unsqueeze(-1).expand(-1, -1, keys.shape[-1]))
 
 
 class DeepseekV4Attention(nn.Module):
@@ -110,16 +103,23 @@ class DeepseekV4Attention(nn.Module):
             if prior is None:
                 prior = kv.new_zeros(b, self.sliding_window - 1, self.head_dim)
             keys = torch.cat([prior.to(kv.dtype), kv], dim=1)
-            cache.window_kv = _last_valid_window(keys, meta.lengths, prior.shape[1], self.sliding_window - 1)
+            cache.window_kv = last_valid_window(keys, meta.lengths, prior.shape[1], self.sliding_window - 1)
             cache.is_initialized = True
 
         compressed, topk_idx, ratio = None, None, 0
+        recording = cache is not None and cache.recording
+        records: dict[str, list] = {"compressor": [], "indexer": []} if recording else {}
         if self.compressor is not None:
             ratio = self.compressor.compress_rate
-            compressed = self.compressor.compress(x, meta, self._state(cache, "compressor", self.compressor, x))
+            state = self._state(cache, "compressor", self.compressor, x)
+            compressed = self.compressor.compress(x, meta, state, records.get("compressor"))
             if self.layer_type == "compressed_sparse_attention":
                 indexer = self.compressor.indexer
-                topk_idx = indexer(x, q_residual, meta, self._state(cache, "indexer", indexer, x))
+                state = self._state(cache, "indexer", indexer, x)
+                topk_idx = indexer(x, q_residual, meta, state, records.get("indexer"))
+        if recording:
+            done = {name: items[0] for name, items in records.items() if items}
+            cache.records.append(LayerRecord(keys, keys.shape[1] - s, self.sliding_window - 1, done))
 
         out = sparse_attention(
             q,

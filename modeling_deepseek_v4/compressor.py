@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import CompressorState
+from .cache import CompressorRecord, CompressorState
 from .hyper_connection import DeepseekV4RMSNorm
 from .ops import compress_pool, indexer_topk
 from .rope import BatchMeta, apply_rope
@@ -61,10 +61,13 @@ class DeepseekV4HCACompressor(nn.Module):
             x.shape[0], self.compress_rate, width, self.head_dim, self.overlap, x.device, x.dtype
         )
 
-    def compress(self, x: torch.Tensor, meta: BatchMeta, state: CompressorState | None) -> torch.Tensor:
+    def compress(
+        self, x: torch.Tensor, meta: BatchMeta, state: CompressorState | None, record: list | None = None
+    ) -> torch.Tensor:
         """Consume the new tokens of `x [B, S, d]`; returns the row-aligned entries `[B, N, D]` (x.dtype).
 
-        `state` (from the cache) is updated in place; None means a stateless call starting at position 0.
+        `state` (from the cache) is updated in place; None means a stateless call starting at position 0. With
+        `record`, what is needed to roll this call back (`CompressorRecord`) is appended to it.
         """
         m = self.compress_rate
         kv, score = self._project(x, meta)
@@ -86,19 +89,13 @@ class DeepseekV4HCACompressor(nn.Module):
         cos, sin = meta.tables.cos_sin("compress", entry_idx * m)
         entries = apply_rope(self.kv_norm(pooled.to(x.dtype)), cos, sin)
 
-        done = total // m
-        keep = (done * m).unsqueeze(1) + torch.arange(m, device=x.device)
-        keep = keep.clamp(max=n_windows * m - 1)
-        state.buf_kv = _gather_rows(aligned_kv, keep)
-        state.buf_score = _gather_rows(aligned_score, keep)
-        if self.overlap:
-            d = self.head_dim
-            ca_kv = torch.cat([state.overlap_kv.unsqueeze(1), aligned_kv.view(b, n_windows, m, -1)[..., :d]], 1)
-            ca_score = torch.cat(
-                [state.overlap_score.unsqueeze(1), aligned_score.view(b, n_windows, m, -1)[..., :d]], 1
+        if record is not None:
+            record.append(
+                CompressorRecord(
+                    aligned_kv, aligned_score, state.overlap_kv, state.overlap_score, buffered, m, self.head_dim
+                )
             )
-            rows = torch.arange(b, device=x.device)
-            state.overlap_kv, state.overlap_score = ca_kv[rows, done], ca_score[rows, done]
+        state.settle(aligned_kv, aligned_score, state.overlap_kv, state.overlap_score, total, m, self.head_dim)
 
         old = state.entries
         if old.shape[1] == 0 and not bool(first_entry.any()):
@@ -140,10 +137,15 @@ class DeepseekV4Indexer(DeepseekV4HCACompressor):
         self.scorer = DeepseekV4IndexerScorer(config)
 
     def forward(
-        self, x: torch.Tensor, q_residual: torch.Tensor, meta: BatchMeta, state: CompressorState | None
+        self,
+        x: torch.Tensor,
+        q_residual: torch.Tensor,
+        meta: BatchMeta,
+        state: CompressorState | None,
+        record: list | None = None,
     ) -> torch.Tensor:
         """Top-k entry indices `[B, S, min(k, N)]` (-1 = none) for the new queries."""
-        keys = self.compress(x, meta, state)
+        keys = self.compress(x, meta, state, record)
         b, s, _ = x.shape
         q = self.q_b_proj(q_residual).view(b, s, self.num_heads, self.head_dim)
         q = apply_rope(q, *meta.rope["compress"])

@@ -106,8 +106,8 @@ class DeepseekV4PreTrainedModel(PreTrainedModel):
     _supports_flex_attn = False
     _supports_attention_backend = False
     _can_compile_fullgraph = False
-    # Rollback of the compressor state (`crop`) is not implemented yet, so assisted decoding must be refused.
-    _is_stateful = True
+    # The cache rolls back exactly (`DeepseekV4Cache.crop`), so assisted and prompt-lookup decoding are allowed.
+    _is_stateful = False
     _keep_in_fp32_modules_strict = [
         "attn_hc",
         "ffn_hc",
@@ -247,6 +247,8 @@ class DeepseekV4Model(DeepseekV4PreTrainedModel):
             inputs_embeds, input_ids = _rows_gather(inputs_embeds, order), _rows_gather(input_ids, order)
             lengths = valid.sum(dim=1)
         start = cache.start_positions(b, inputs_embeds.device) if cache is not None else torch.zeros_like(lengths)
+        if cache is not None:
+            cache.begin_call(s)
         meta = BatchMeta(start, lengths, s, self.rope_tables)
 
         hidden = inputs_embeds.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1)

@@ -12,7 +12,6 @@ import torch
 from safetensors.torch import load_file
 
 from modeling_deepseek_v4 import DeepseekV4ForCausalLM
-from modeling_deepseek_v4.quant_formats import quantize_fp4
 from modeling_deepseek_v4.conversion import (
     ConversionError,
     convert_official_to_plugin,
@@ -22,9 +21,15 @@ from modeling_deepseek_v4.conversion import (
 )
 from modeling_deepseek_v4.conversion.checkpoint import ShardedWriter, temp_dir_for
 from modeling_deepseek_v4.conversion.cli import main as cli
+from modeling_deepseek_v4.quant_formats import quantize_fp4
 from tests.conftest import tiny_config
-from tests.conversion.official_synth import corrupt_header, drop_tensor, make_official_checkpoint, rename_tensor
-from tests.conversion.official_synth import truncate_file
+from tests.conversion.official_synth import (
+    corrupt_header,
+    drop_tensor,
+    make_official_checkpoint,
+    rename_tensor,
+    truncate_file,
+)
 
 SHARD = 60_000  # small output shards so that every test writes several
 

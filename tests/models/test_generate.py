@@ -59,7 +59,13 @@ def test_static_cache_request_is_refused_clearly():
         model.generate(torch.randint(2, 97, (1, 5)), max_new_tokens=2, cache_implementation="static", **KW)
 
 
-def test_assisted_decoding_is_refused_until_rollback_exists():
-    model = tiny_model()
-    with pytest.raises(ValueError, match="stateful"):
-        model.generate(torch.randint(2, 97, (1, 5)), max_new_tokens=2, prompt_lookup_num_tokens=2, **KW)
+def test_beam_search_left_padded_batch_equals_per_sequence(schedule):
+    from tests.models.test_padding import padded_batch
+
+    model = tiny_model(schedule)
+    seqs, ids, mask = padded_batch([37, 22], "left")
+    kwargs = dict(max_new_tokens=7, num_beams=3, do_sample=False, early_stopping=False, **KW)
+    batched = model.generate(ids, attention_mask=mask, **kwargs)[:, ids.shape[1] :]
+    for row, seq in enumerate(seqs):
+        alone = model.generate(seq[None], **kwargs)[0, len(seq) :]
+        assert batched[row].tolist() == alone.tolist()
