@@ -66,7 +66,7 @@ def test_fp32_conversion_equals_direct_dequantization(tmp_path, official):
         a, b = model(ids, use_cache=False).logits, direct(ids, use_cache=False).logits
     # Weights are bit-identical (above); logits may differ in the last ulp because BLAS picks kernels by the
     # memory layout of the loaded tensors.
-    torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     assert len(list((tmp_path / "hf").glob("model-*.safetensors"))) > 1
     info = json.loads((tmp_path / "hf" / "dsv4_conversion.json").read_text())
     assert info["direction"] == "official->plugin" and info["dtype"] == "fp32"
