@@ -18,8 +18,9 @@ from torch import nn
 from .cache import DeepseekV4LayerCache, LayerRecord, last_valid_window
 from .compressor import DeepseekV4CSACompressor, DeepseekV4HCACompressor
 from .hyper_connection import DeepseekV4RMSNorm
-from .ops import rms_norm, sparse_attention
+from .ops import indexer_topk, rms_norm, sparse_attention
 from .rope import BatchMeta, apply_rope
+from .static_cache import compress_step, window_step
 
 
 class DeepseekV4GroupedLinear(nn.Module):
@@ -97,6 +98,8 @@ class DeepseekV4Attention(nn.Module):
         q = apply_rope(rms_norm(q, None, self.eps), cos, sin)
         kv = apply_rope(self.kv_norm(self.kv_proj(x)), cos, sin)
 
+        if meta.static:
+            return self._static_step(x, q, q_residual, kv, meta, cache, cos, sin)
         keys = kv
         if cache is not None:
             prior = cache.window_kv
@@ -137,6 +140,46 @@ class DeepseekV4Attention(nn.Module):
         out = apply_rope(out, cos, sin, inverse=True)
         out = self.o_a_proj(out.reshape(b, s, self.o_groups, -1))
         return self.o_b_proj(out)
+
+    def _static_step(self, x, q, q_residual, kv, meta: BatchMeta, cache, cos, sin) -> torch.Tensor:
+        """One token per row on a `DeepseekV4StaticCache`: same maths, every shape fixed (static_cache.py)."""
+        b, s, _ = x.shape
+        keys, cache.window_kv = window_step(cache.window_kv, kv)
+        compressed, topk_idx, ratio = None, None, 0
+        if self.compressor is not None:
+            ratio = self.compressor.compress_rate
+            compressed = compress_step(self.compressor, x, meta, cache.states["compressor"])
+            if self.layer_type == "compressed_sparse_attention":
+                indexer = self.compressor.indexer
+                index_keys = compress_step(indexer, x, meta, cache.states["indexer"])
+                iq = indexer.q_b_proj(q_residual).view(b, s, indexer.num_heads, indexer.head_dim)
+                iq = apply_rope(iq, *meta.rope["compress"])
+                topk_idx = indexer_topk(
+                    iq,
+                    index_keys,
+                    indexer.scorer(x),
+                    meta.positions,
+                    ratio,
+                    indexer.index_topk,
+                    backend=self.backend,
+                    static_shapes=True,
+                )
+        out = sparse_attention(
+            q,
+            keys,
+            meta.start,
+            self.sliding_window,
+            self.sinks,
+            self.scaling,
+            compressed,
+            ratio,
+            topk_idx,
+            self.chunk,
+            backend=self.backend,
+            static_shapes=True,
+        )
+        out = apply_rope(out, cos, sin, inverse=True)
+        return self.o_b_proj(self.o_a_proj(out.reshape(b, s, self.o_groups, -1)))
 
     @staticmethod
     def _state(cache: DeepseekV4LayerCache | None, name: str, compressor, x: torch.Tensor):

@@ -31,7 +31,9 @@ from .configuration_deepseek_v4 import DeepseekV4Config
 from .hyper_connection import DeepseekV4HyperConnection, DeepseekV4HyperHead, DeepseekV4RMSNorm
 from .losses import router_balance_loss
 from .moe import DeepseekV4Experts, DeepseekV4HashRouter, DeepseekV4SparseMoeBlock, DeepseekV4TopKRouter
+from .mtp_speculation import build_mtp_candidate_generator
 from .rope import BatchMeta, RopeTables
+from .static_cache import DeepseekV4StaticCache
 
 
 class DeepseekV4DecoderLayer(GradientCheckpointingLayer):
@@ -59,7 +61,8 @@ class DeepseekV4DecoderLayer(GradientCheckpointingLayer):
         attn_out = self.self_attn(self.input_layernorm(collapsed), meta, past_key_values)
         hidden_states = self.attn_hc.expand(attn_out, hidden_states, post, comb)
         collapsed, post, comb = self.ffn_hc(hidden_states)
-        mlp_out, router = self.mlp(self.post_attention_layernorm(collapsed), input_ids)
+        static = meta is not None and meta.static
+        mlp_out, router = self.mlp(self.post_attention_layernorm(collapsed), input_ids, static)
         return self.ffn_hc.expand(mlp_out, hidden_states, post, comb), router
 
 
@@ -79,17 +82,30 @@ class DeepseekV4MTPLayer(DeepseekV4DecoderLayer):
         self.hc_head = DeepseekV4HyperHead(config)
 
     def predict(
-        self, streams: torch.Tensor, next_embeds: torch.Tensor, meta: BatchMeta, next_ids: torch.Tensor | None
+        self,
+        streams: torch.Tensor,
+        next_embeds: torch.Tensor,
+        meta: BatchMeta,
+        next_ids: torch.Tensor | None,
+        past_key_values: DeepseekV4LayerCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """streams `[B, S, n, d]` (main model, before `hc_head`), next_embeds `[B, S, d]` -> (hidden, streams)."""
+        """streams `[B, S, n, d]` (main model, before `hc_head`), next_embeds `[B, S, d]` -> (hidden `[B, S, d]`,
+        streams `[B, S, n, d]`). `past_key_values`: the block's own window cache (MTP speculation)."""
         x = self.h_proj(self.hnorm(streams)) + self.e_proj(self.enorm(next_embeds)).unsqueeze(2)
-        x, _ = self(x, meta=meta, input_ids=next_ids)
+        x, _ = self(x, meta=meta, input_ids=next_ids, past_key_values=past_key_values)
         return self.norm(self.hc_head(x)), x
 
 
 @dataclass
 class DeepseekV4ModelOutput(MoeModelOutputWithPast):
     """`MoeModelOutputWithPast` plus the final residual streams `[B, S, n, d]` (for MTP) when requested."""
+
+    last_streams: torch.Tensor | None = None
+
+
+@dataclass
+class DeepseekV4CausalLMOutput(MoeCausalLMOutputWithPast):
+    """`MoeCausalLMOutputWithPast` plus `last_streams` `[B, S', n, d]` when `forward(return_streams=...)` asks."""
 
     last_streams: torch.Tensor | None = None
 
@@ -200,6 +216,28 @@ class DeepseekV4Model(DeepseekV4PreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    def _decode_step_eager(
+        self, embeds: torch.Tensor, input_ids: torch.Tensor | None, cache: DeepseekV4StaticCache
+    ) -> torch.Tensor:
+        """One real token per row `[B, 1, d]` on a prefilled static cache -> final hidden `[B, 1, d]`; no value
+        of any tensor is read into Python, so this compiles into one graph (`compile_decode`)."""
+        b = embeds.shape[0]
+        meta = BatchMeta(cache.seen, torch.ones_like(cache.seen), 1, self.rope_tables, static=True)
+        hidden = embeds.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1)
+        for i, layer in enumerate(self.layers):
+            hidden, _ = layer(hidden, meta=meta, input_ids=input_ids, past_key_values=cache.layers[i])
+        cache.seen.add_(torch.ones(b, dtype=cache.seen.dtype, device=cache.seen.device))
+        return self.norm(self.hc_head(hidden))
+
+    def _decode_step(self, embeds, input_ids, cache):
+        step = self.__dict__.get("_compiled_decode_step")
+        return (step or self._decode_step_eager)(embeds, input_ids, cache)
+
+    def compile_decode(self, **compile_kwargs) -> None:
+        """`torch.compile` the static-cache decode step (fullgraph: the step has no graph break)."""
+        compile_kwargs.setdefault("fullgraph", True)
+        self.__dict__["_compiled_decode_step"] = torch.compile(self._decode_step_eager, **compile_kwargs)
+
     def _resolve_cache(self, past_key_values: Cache | None, use_cache: bool) -> DeepseekV4Cache | None:
         if isinstance(past_key_values, DeepseekV4Cache):
             return past_key_values
@@ -237,6 +275,10 @@ class DeepseekV4Model(DeepseekV4PreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         b, s = inputs_embeds.shape[:2]
         cache = self._resolve_cache(past_key_values, use_cache)
+        if isinstance(cache, DeepseekV4StaticCache) and cache.ready and s == 1:
+            hidden = self._decode_step(inputs_embeds, input_ids, cache)
+            cache.processed += 1
+            return DeepseekV4ModelOutput(last_hidden_state=hidden, past_key_values=cache)
         valid = _valid_tokens(attention_mask, b, s)
         if valid is None:
             order = None
@@ -262,6 +304,8 @@ class DeepseekV4Model(DeepseekV4PreTrainedModel):
             routers.append(None if layer.mlp.is_hash else router)
         if cache is not None:
             cache.advance(lengths, s)
+            if isinstance(cache, DeepseekV4StaticCache) and not cache.ready:
+                cache.freeze_shapes(self.config)
         streams = hidden
         hidden = self.norm(self.hc_head(hidden))
         if output_hidden_states:
@@ -297,14 +341,39 @@ class DeepseekV4ForCausalLM(DeepseekV4PreTrainedModel, GenerationMixin):
         """Give `generate` a `DeepseekV4Cache` instead of a `DynamicCache` (hf-integration.md §6.1)."""
         impl = generation_config.cache_implementation
         if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
+            if impl == "static":
+                length = max(
+                    kwargs.get("max_cache_length", args[2] if len(args) > 2 else 0), generation_config.max_length or 0
+                )
+                model_kwargs["past_key_values"] = DeepseekV4StaticCache(self.config, max_cache_len=length)
+                return
             if impl not in (None, "dynamic"):
                 raise ValueError(
-                    f"cache_implementation={impl!r} is not supported by DeepSeek-V4 yet; leave it unset "
-                    "(the model uses its own DeepseekV4Cache)."
+                    f"cache_implementation={impl!r} is not supported by DeepSeek-V4; use None / 'dynamic' "
+                    "(DeepseekV4Cache, rollback-capable) or 'static' (DeepseekV4StaticCache, compilable)."
                 )
             model_kwargs["past_key_values"] = DeepseekV4Cache(self.config)
             return
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+    # --- MTP self-speculative decoding hook: `generate(..., use_mtp=True)`; the logic is in mtp_speculation.py ---
+    def _get_candidate_generator(self, generation_config, *args, **kwargs):
+        """With `use_mtp=True` the model's own MTP block drafts (`DeepseekV4MTPCandidateGenerator`)."""
+        if generation_config.use_mtp:
+            return build_mtp_candidate_generator(self, generation_config, *args, **kwargs)
+        return super()._get_candidate_generator(generation_config, *args, **kwargs)
+
+    # --- end of the MTP hook ---
+
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
+        """As transformers', but always hand the model the 2-D mask: it does its own masking, and `generate`
+        would otherwise build 4-D masks for compileable caches (the static cache)."""
+        inputs = super().prepare_inputs_for_generation(input_ids, attention_mask=attention_mask, **kwargs)
+        if attention_mask is None:
+            inputs.pop("attention_mask", None)
+        else:
+            inputs["attention_mask"] = attention_mask
+        return inputs
 
     def forward(
         self,
@@ -318,11 +387,14 @@ class DeepseekV4ForCausalLM(DeepseekV4PreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         output_router_logits: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        return_streams: bool | int = False,
         **kwargs,
-    ) -> MoeCausalLMOutputWithPast:
+    ) -> DeepseekV4CausalLMOutput:
         """Standard causal-LM forward. `labels` are shifted inside the loss; `num_items_in_batch` (from Trainer
         with gradient accumulation) normalizes the summed token loss, and the router aux loss is scaled by this
-        micro-batch's share of those tokens so accumulation matches one large batch."""
+        micro-batch's share of those tokens so accumulation matches one large batch. `return_streams` (MTP
+        speculation): True puts the final streams `[B, S, n, d]` on the output as `last_streams`, an int n > 0
+        only those of the last n positions."""
         output_router_logits = (
             self.config.output_router_logits if output_router_logits is None else output_router_logits
         )
@@ -334,6 +406,7 @@ class DeepseekV4ForCausalLM(DeepseekV4PreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             output_router_logits=output_router_logits,
+            return_streams=bool(return_streams),
         )
         hidden = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -351,13 +424,17 @@ class DeepseekV4ForCausalLM(DeepseekV4PreTrainedModel, GenerationMixin):
                 if num_items is not None:
                     share = (labels[:, 1:] != -100).sum() / num_items
                 loss = loss + self.config.router_aux_loss_coef * aux_loss * share
-        return MoeCausalLMOutputWithPast(
+        streams = outputs.last_streams
+        if streams is not None and not isinstance(return_streams, bool):
+            streams = streams[:, -int(return_streams) :]
+        return DeepseekV4CausalLMOutput(
             loss=loss,
             aux_loss=aux_loss,
             logits=logits,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             router_logits=outputs.router_logits,
+            last_streams=streams,
         )
 
     def mtp_logits(

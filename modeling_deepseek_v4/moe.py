@@ -86,10 +86,19 @@ class DeepseekV4Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * inter, config.hidden_size))
         self.down_proj = nn.Parameter(torch.empty(self.num_experts, config.hidden_size, inter))
 
-    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, static_shapes: bool = False
+    ) -> torch.Tensor:
         """x `[T, d]`, indices/weights `[T, K]` -> `[T, d]` fp32."""
         return grouped_experts(
-            x, self.gate_up_proj, self.down_proj, indices, weights, self.limit, backend=self.backend
+            x,
+            self.gate_up_proj,
+            self.down_proj,
+            indices,
+            weights,
+            self.limit,
+            backend=self.backend,
+            static_shapes=static_shapes,
         )
 
 
@@ -121,11 +130,11 @@ class DeepseekV4SparseMoeBlock(nn.Module):
         self.shared_experts = DeepseekV4MLP(config)
 
     def forward(
-        self, x: torch.Tensor, input_ids: torch.Tensor | None = None
+        self, x: torch.Tensor, input_ids: torch.Tensor | None = None, static_shapes: bool = False
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """x `[B, S, d]` -> (`[B, S, d]`, (scores `[B*S, E]`, indices `[B*S, K]`))."""
         flat = x.reshape(-1, x.shape[-1])
         scores, weights, indices = self.gate(flat, input_ids)
-        routed = self.experts(flat, indices, weights)
+        routed = self.experts(flat, indices, weights, static_shapes)
         out = (routed + self.shared_experts(flat).float()).to(x.dtype)
         return out.view_as(x), (scores, indices)

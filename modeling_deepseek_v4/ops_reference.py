@@ -167,6 +167,7 @@ def indexer_topk(
     topk: int,
     chunk: int = 256,
     head_group: int = 8,
+    static_shapes: bool = False,
 ) -> torch.Tensor:
     """Lightning indexer: per query, the top-k causal compressed entries by `I[t, s] = sum_h w[t, h] relu(q_h . K_s)`.
 
@@ -188,6 +189,8 @@ def indexer_topk(
         return out
     limits = (positions + 1) // ratio
     qf, kf, wf = _up(q), _up(keys), _up(weights)
+    if static_shapes:
+        return _indexer_topk_static(qf, kf, wf, limits, k)
     for i0 in range(0, s, chunk):
         i1 = min(i0 + chunk, s)
         lim = limits[:, i0:i1]
@@ -217,6 +220,18 @@ def indexer_topk(
     return out
 
 
+def _indexer_topk_static(q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, limits: torch.Tensor, k: int):
+    """`indexer_topk` without value-dependent shapes (decode step under `torch.compile`): scores every entry."""
+    b, s, h, _ = q.shape
+    n = keys.shape[1]
+    logits = torch.bmm(q.reshape(b, s * h, -1), keys.transpose(1, 2)).relu_().view(b, s, h, n)
+    scores = torch.matmul(w.unsqueeze(-2), logits).squeeze(-2)
+    cols = torch.arange(n, device=q.device)
+    scores = scores.masked_fill(cols >= limits.unsqueeze(-1), float("-inf"))
+    idx = cols.expand(b, s, n) if k == n else _select_topk_lowest_index(scores.view(b * s, n), k).view(b, s, k)
+    return torch.where(idx < limits.unsqueeze(-1), idx, -1)
+
+
 def _band_logits(
     qf: torch.Tensor, win: torch.Tensor, i0: int, i1: int, n_cached: int, window: int, start: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,6 +258,7 @@ def sparse_attention(
     ratio: int = 0,
     topk_idx: torch.Tensor | None = None,
     chunk: int = 256,
+    static_shapes: bool = False,
 ) -> torch.Tensor:
     """Sliding-window + compressed-entry attention with a per-head sink (forward-math.md §3.3-3.4), MQA with K = V.
 
@@ -255,6 +271,8 @@ def sparse_attention(
         compressed_kv: `[B, N, D]` compressed entries. Without `topk_idx` (HCA) query t sees every entry
             s < (t + 1) // ratio; with `topk_idx` `[B, S, K]` (CSA) it sees the listed entries (-1 = none).
         chunk: queries per step; memory is O(chunk * (chunk + W + K + N_causal)) per head.
+        static_shapes: no shape depends on tensor values (HCA reads all N entries under the causal mask), for
+            `torch.compile` of the decode step.
     Returns: `[B, S, H, D]` in q.dtype. Logits and softmax in fp32.
     """
     b, s, h, d = q.shape
@@ -270,12 +288,12 @@ def sparse_attention(
         parts = [(logits, "bqhk,bkd->bqhd", keys)]
         if comp_all is not None and topk_idx is None:
             limit = (start.view(-1, 1) + torch.arange(i0, i1, device=q.device) + 1) // ratio
-            n_used = min(int(limit.max()), comp_all.shape[1])
+            n_used = comp_all.shape[1] if static_shapes else min(int(limit.max()), comp_all.shape[1])
             if n_used > 0:
                 comp = comp_all[:, :n_used]
                 comp_logits = torch.einsum("bqhd,bkd->bqhk", qf, comp)
                 # Entries below the chunk's smallest limit are visible to every query: mask the tail only.
-                lo = min(int(limit.min()), n_used)
+                lo = 0 if static_shapes else min(int(limit.min()), n_used)
                 tail = torch.arange(lo, n_used, device=q.device).view(1, 1, -1) >= limit.unsqueeze(-1)
                 comp_logits[..., lo:].masked_fill_(tail.unsqueeze(2), float("-inf"))
                 parts.append((comp_logits, "bqhk,bkd->bqhd", comp))
@@ -318,6 +336,7 @@ def grouped_experts(
     topk_idx: torch.Tensor,
     topk_weights: torch.Tensor,
     swiglu_limit: float,
+    static_shapes: bool = False,
 ) -> torch.Tensor:
     """Routed experts (forward-math.md §6): `y_t = sum_k w_tk * W2_e(swiglu(W13_e x_t))`, accumulated in fp32.
 
@@ -328,6 +347,11 @@ def grouped_experts(
     swap what these tensors are).
     """
     t, k = topk_idx.shape
+    if static_shapes:
+        # Gather each token's experts (decode: a few tokens): no data-dependent loop, compiles in one graph.
+        h = _swiglu(torch.einsum("td,tkod->tko", x, gate_up_proj[topk_idx]), swiglu_limit)
+        h = (h * _up(topk_weights).unsqueeze(-1)).to(x.dtype)
+        return _up(torch.einsum("tki,tkdi->tkd", h, down_proj[topk_idx])).sum(dim=1)
     out = torch.zeros(t, x.shape[-1], dtype=_acc_dtype(x), device=x.device)
     flat_idx = topk_idx.reshape(-1)
     order = torch.argsort(flat_idx, stable=True)

@@ -88,7 +88,11 @@ class BatchMeta:
     whose outputs are discarded. cos/sin for both rope types are computed once here.
     """
 
-    def __init__(self, start: torch.Tensor, lengths: torch.Tensor, seq_len: int, tables: RopeTables):
+    def __init__(
+        self, start: torch.Tensor, lengths: torch.Tensor, seq_len: int, tables: RopeTables, static: bool = False
+    ):
+        # static: a one-token decode step on a DeepseekV4StaticCache (shape-static ops, see static_cache.py).
+        self.static = static
         self.start = start
         self.lengths = lengths
         self.positions = start.unsqueeze(1) + torch.arange(seq_len, device=start.device)

@@ -53,10 +53,10 @@ def test_beam_search_batch_equals_per_sequence(schedule):
         assert batched[row].tolist() == model.generate(ids[row : row + 1], **kwargs)[0].tolist()
 
 
-def test_static_cache_request_is_refused_clearly():
+def test_unknown_cache_implementation_is_refused_clearly():
     model = tiny_model()
     with pytest.raises(ValueError, match="cache_implementation"):
-        model.generate(torch.randint(2, 97, (1, 5)), max_new_tokens=2, cache_implementation="static", **KW)
+        model.generate(torch.randint(2, 97, (1, 5)), max_new_tokens=2, cache_implementation="offloaded", **KW)
 
 
 def test_beam_search_left_padded_batch_equals_per_sequence(schedule):
