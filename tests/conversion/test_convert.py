@@ -283,3 +283,13 @@ def test_verify_reports_an_incomplete_folder(tmp_path):
     (tmp_path / "hf" / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(ConversionError, match="sinks"):
         verify_folder(tmp_path / "hf")
+
+
+def test_not_enough_disk_space_is_reported_before_writing(tmp_path, monkeypatch):
+    import shutil as shutil_module
+    from collections import namedtuple
+
+    official = make_official_checkpoint(tmp_path / "official", tiny_config(), n_shards=2)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage(10**12, 10**12 - 1000, 1000))
+    _assert_clean_failure(tmp_path, official, "GB free")
