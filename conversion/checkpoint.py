@@ -284,6 +284,47 @@ def _prod(shape: Iterable[int]) -> int:
     return n
 
 
+class OutputFolder:
+    """The destination of a conversion: refuses an existing destination, keeps an interrupted run's temporary
+    folder only for `--resume`, checks free disk space, shows byte progress, and renames into place at the end."""
+
+    def __init__(self, destination: Path, total_bytes: int, resume: bool, progress: bool, what: str = "conversion"):
+        if destination.exists():
+            raise ConversionError(f"{destination}: already exists; remove it or choose another destination.")
+        self.destination = destination
+        self.tmp = temp_dir_for(destination)
+        if self.tmp.exists() and not resume:
+            raise ConversionError(
+                f"{self.tmp}: a previous {what} was interrupted; pass --resume to continue it or delete it."
+            )
+        check_disk_space(destination, total_bytes)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        self.bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=what)
+
+    def writer(self, plan: ShardPlan, prefix: str = "model", resume: bool = False) -> ShardedWriter:
+        return ShardedWriter(self.tmp, plan, prefix, resume, self.bar)
+
+    def copy_from(self, src: Path, names: Iterable[str]) -> None:
+        """Copy the side files among `names` that exist in `src` (tokenizer, generation config, license)."""
+        for name in names:
+            if (src / name).exists():
+                shutil.copy2(src / name, self.tmp / name)
+
+    def discard(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def finish(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        finalize(self.tmp, self.destination)
+
+
 def temp_dir_for(destination: Path) -> Path:
     return destination.parent / f".{destination.name}.dsv4-partial"
 

@@ -11,7 +11,6 @@ block (official `convert.py --expert-dtype fp8`) and refuses, naming tensor and 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -33,12 +32,9 @@ from modeling_deepseek_v4.quant_formats import (
 from .checkpoint import (
     DTYPES,
     ConversionError,
-    ShardedWriter,
+    OutputFolder,
     ShardPlan,
     SourceCheckpoint,
-    check_disk_space,
-    finalize,
-    temp_dir_for,
 )
 from .names import (
     UnknownTensorError,
@@ -50,7 +46,7 @@ from .names import (
     scale_name,
 )
 from .official_config import official_config_from_plugin
-from .to_plugin import COPIED_FILES, Report, _progress
+from .to_plugin import COPIED_FILES, Report
 
 
 def _expand(scale: torch.Tensor, block: tuple[int, int], shape: torch.Size) -> torch.Tensor:
@@ -191,15 +187,8 @@ def convert_plugin_to_official(
     )
     if dry_run:
         return report
-    if dst.exists():
-        raise ConversionError(f"{dst}: already exists; remove it or choose another destination.")
-    tmp = temp_dir_for(dst)
-    if tmp.exists() and not resume:
-        raise ConversionError(f"{tmp}: a previous export was interrupted; pass --resume to continue it or delete it.")
-    check_disk_space(dst, plan.total_bytes)
-    tmp.mkdir(parents=True, exist_ok=True)
-    bar = _progress(plan.total_bytes, progress)
-    writer = ShardedWriter(tmp, plan, "model", resume, bar)
+    out = OutputFolder(dst, plan.total_bytes, resume, progress, "export")
+    writer = out.writer(plan, "model", resume)
     for name in names:
         produced = _planned(name, None, expert_dtype, inter, only_names=True)
         if not any(writer.wants(p) for p in produced):
@@ -209,13 +198,10 @@ def convert_plugin_to_official(
         ).items():
             writer.add(official, tensor)
     writer.finish()
-    if bar is not None:
-        bar.close()
-    (tmp / "config.json").write_text(json.dumps(official_config_from_plugin(config, expert_dtype), indent=2) + "\n")
-    for file in ("generation_config.json", *COPIED_FILES):
-        if (src / file).exists():
-            shutil.copy2(src / file, tmp / file)
-    finalize(tmp, dst)
+    config_json = json.dumps(official_config_from_plugin(config, expert_dtype), indent=2) + "\n"
+    (out.tmp / "config.json").write_text(config_json)
+    out.copy_from(src, ("generation_config.json", *COPIED_FILES))
+    out.finish()
     return report
 
 

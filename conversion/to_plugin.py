@@ -24,12 +24,9 @@ from modeling_deepseek_v4.quant_formats import dequantize_fp4, dequantize_fp8_bl
 
 from .checkpoint import (
     ConversionError,
-    ShardedWriter,
+    OutputFolder,
     ShardPlan,
     SourceCheckpoint,
-    check_disk_space,
-    finalize,
-    temp_dir_for,
 )
 from .names import UnknownTensorError, official_to_plugin
 from .official_config import plugin_config_from_official, read_official_config
@@ -260,19 +257,10 @@ def convert_official_to_plugin(
     )
     if dry_run:
         return report
-    if dst.exists():
-        raise ConversionError(f"{dst}: already exists; remove it or choose another destination.")
-    tmp = temp_dir_for(dst)
-    if tmp.exists() and not resume:
-        raise ConversionError(
-            f"{tmp}: a previous conversion was interrupted; pass --resume to continue it or delete it."
-        )
-    check_disk_space(dst, model_plan.total_bytes + scale_plan.total_bytes)
-    tmp.mkdir(parents=True, exist_ok=True)
-    bar = _progress(model_plan.total_bytes + scale_plan.total_bytes, progress)
-    writers = [ShardedWriter(tmp, model_plan, "model", resume, bar)]
+    out = OutputFolder(dst, model_plan.total_bytes + scale_plan.total_bytes, resume, progress)
+    writers = [out.writer(model_plan, "model", resume)]
     if scale_plan.shards:
-        writers.append(ShardedWriter(tmp, scale_plan, "official_scales", resume, bar))
+        writers.append(out.writer(scale_plan, "official_scales", resume))
     route = {name: w for w in writers for name in w.plan.sizes}
     pending: dict[str, torch.Tensor] = {}
     remaining = {name: set(outputs[name].pieces) for name in completion}
@@ -298,22 +286,13 @@ def convert_official_to_plugin(
         source.close(file)
     for writer in writers:
         writer.finish()
-    if bar is not None:
-        bar.close()
-    _write_side_files(src, tmp, config, raw, dtype)
-    finalize(tmp, dst)
+    _write_side_files(src, out, config, raw, dtype)
+    out.finish()
     return report
 
 
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="B", unit_scale=True, desc="converting")
-
-
-def _write_side_files(src: Path, tmp: Path, config, raw: dict, dtype: str) -> None:
+def _write_side_files(src: Path, out: OutputFolder, config, raw: dict, dtype: str) -> None:
+    tmp = out.tmp
     config.save_pretrained(tmp)
     generation = src / "generation_config.json"
     if generation.exists():
@@ -321,9 +300,7 @@ def _write_side_files(src: Path, tmp: Path, config, raw: dict, dtype: str) -> No
     else:
         gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-    for name in COPIED_FILES:
-        if (src / name).exists():
-            shutil.copy2(src / name, tmp / name)
+    out.copy_from(src, COPIED_FILES)
     info = {
         "converter": f"modeling_deepseek_v4 {__version__}",
         "direction": "official->plugin",

@@ -9,21 +9,17 @@ silently rounded: the conversion stops and names the tensor and the blocks (`qua
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from modeling_deepseek_v4.quant_formats import fp4_to_fp8_blocks
 
 from .checkpoint import (
     ConversionError,
-    ShardedWriter,
+    OutputFolder,
     ShardPlan,
     SourceCheckpoint,
-    check_disk_space,
-    finalize,
-    temp_dir_for,
 )
-from .to_plugin import COPIED_FILES, Report, _progress
+from .to_plugin import COPIED_FILES, Report
 
 
 def _is_fp4_scale(source: SourceCheckpoint, name: str) -> bool:
@@ -59,15 +55,8 @@ def transcode_experts_to_fp8(
     )
     if dry_run:
         return report
-    if dst.exists():
-        raise ConversionError(f"{dst}: already exists; remove it or choose another destination.")
-    tmp = temp_dir_for(dst)
-    if tmp.exists() and not resume:
-        raise ConversionError(f"{tmp}: a previous run was interrupted; pass --resume to continue it or delete it.")
-    check_disk_space(dst, plan.total_bytes)
-    tmp.mkdir(parents=True, exist_ok=True)
-    bar = _progress(plan.total_bytes, progress)
-    writer = ShardedWriter(tmp, plan, "model", resume, bar)
+    out = OutputFolder(dst, plan.total_bytes, resume, progress, "transcoding")
+    writer = out.writer(plan, "model", resume)
     try:
         for name in order:
             if name not in sizes or not writer.wants(name) or _is_fp4_scale(source, name):
@@ -81,16 +70,12 @@ def transcode_experts_to_fp8(
             else:
                 writer.add(name, source.load(name))
     except ValueError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
+        out.discard()
         raise ConversionError(f"{src}: {exc}; nothing was written.") from None
     writer.finish()
-    if bar is not None:
-        bar.close()
     config = json.loads((src / "config.json").read_text()) if (src / "config.json").exists() else {}
     config.pop("expert_dtype", None)
-    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    for file in ("generation_config.json", *COPIED_FILES):
-        if (src / file).exists():
-            shutil.copy2(src / file, tmp / file)
-    finalize(tmp, dst)
+    (out.tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    out.copy_from(src, ("generation_config.json", *COPIED_FILES))
+    out.finish()
     return report
