@@ -18,7 +18,7 @@ from torch import nn
 from .cache import DeepseekV4LayerCache, LayerRecord, last_valid_window
 from .compressor import DeepseekV4CSACompressor, DeepseekV4HCACompressor
 from .hyper_connection import DeepseekV4RMSNorm
-from .ops import indexer_topk, rms_norm, sparse_attention
+from .ops import rms_norm, sparse_attention
 from .rope import BatchMeta, apply_rope
 from .static_cache import compress_step, window_step
 
@@ -124,6 +124,11 @@ class DeepseekV4Attention(nn.Module):
             done = {name: items[0] for name, items in records.items() if items}
             cache.records.append(LayerRecord(keys, keys.shape[1] - s, self.sliding_window - 1, done))
 
+        return self._attend(q, keys, meta, compressed, ratio, topk_idx, cos, sin)
+
+    def _attend(self, q, keys, meta: BatchMeta, compressed, ratio: int, topk_idx, cos, sin) -> torch.Tensor:
+        """Core attention, inverse RoPE and the grouped output projection: `[B, S, H, D]` queries -> `[B, S, d]`."""
+        b, s = q.shape[:2]
         out = sparse_attention(
             q,
             keys,
@@ -136,14 +141,13 @@ class DeepseekV4Attention(nn.Module):
             topk_idx,
             self.chunk,
             backend=self.backend,
+            static_shapes=meta.static,
         )
         out = apply_rope(out, cos, sin, inverse=True)
-        out = self.o_a_proj(out.reshape(b, s, self.o_groups, -1))
-        return self.o_b_proj(out)
+        return self.o_b_proj(self.o_a_proj(out.reshape(b, s, self.o_groups, -1)))
 
     def _static_step(self, x, q, q_residual, kv, meta: BatchMeta, cache, cos, sin) -> torch.Tensor:
         """One token per row on a `DeepseekV4StaticCache`: same maths, every shape fixed (static_cache.py)."""
-        b, s, _ = x.shape
         keys, cache.window_kv = window_step(cache.window_kv, kv)
         compressed, topk_idx, ratio = None, None, 0
         if self.compressor is not None:
@@ -152,34 +156,8 @@ class DeepseekV4Attention(nn.Module):
             if self.layer_type == "compressed_sparse_attention":
                 indexer = self.compressor.indexer
                 index_keys = compress_step(indexer, x, meta, cache.states["indexer"])
-                iq = indexer.q_b_proj(q_residual).view(b, s, indexer.num_heads, indexer.head_dim)
-                iq = apply_rope(iq, *meta.rope["compress"])
-                topk_idx = indexer_topk(
-                    iq,
-                    index_keys,
-                    indexer.scorer(x),
-                    meta.positions,
-                    ratio,
-                    indexer.index_topk,
-                    backend=self.backend,
-                    static_shapes=True,
-                )
-        out = sparse_attention(
-            q,
-            keys,
-            meta.start,
-            self.sliding_window,
-            self.sinks,
-            self.scaling,
-            compressed,
-            ratio,
-            topk_idx,
-            self.chunk,
-            backend=self.backend,
-            static_shapes=True,
-        )
-        out = apply_rope(out, cos, sin, inverse=True)
-        return self.o_b_proj(self.o_a_proj(out.reshape(b, s, self.o_groups, -1)))
+                topk_idx = indexer.select(x, q_residual, meta, index_keys)
+        return self._attend(q, keys, meta, compressed, ratio, topk_idx, cos, sin)
 
     @staticmethod
     def _state(cache: DeepseekV4LayerCache | None, name: str, compressor, x: torch.Tensor):

@@ -145,13 +145,24 @@ class DeepseekV4Indexer(DeepseekV4HCACompressor):
         record: list | None = None,
     ) -> torch.Tensor:
         """Top-k entry indices `[B, S, min(k, N)]` (-1 = none) for the new queries."""
-        keys = self.compress(x, meta, state, record)
+        return self.select(x, q_residual, meta, self.compress(x, meta, state, record))
+
+    def select(self, x: torch.Tensor, q_residual: torch.Tensor, meta: BatchMeta, keys: torch.Tensor) -> torch.Tensor:
+        """Score the indexer `keys [B, N, c_I]` for the new queries and keep the top-k causal entries."""
         b, s, _ = x.shape
         q = self.q_b_proj(q_residual).view(b, s, self.num_heads, self.head_dim)
         q = apply_rope(q, *meta.rope["compress"])
         weights = self.scorer(x)
         return indexer_topk(
-            q, keys, weights, meta.positions, self.compress_rate, self.index_topk, self.chunk, backend=self.backend
+            q,
+            keys,
+            weights,
+            meta.positions,
+            self.compress_rate,
+            self.index_topk,
+            self.chunk,
+            backend=self.backend,
+            static_shapes=meta.static,
         )
 
 

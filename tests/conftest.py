@@ -83,7 +83,7 @@ def record_indexer_margin():
     """
     margins: list[float] = []
 
-    def recording(q, keys, weights, positions, ratio, topk, chunk=256, head_group=8):
+    def recording(q, keys, weights, positions, ratio, topk, chunk=256, head_group=8, **kwargs):
         scores = torch.relu(torch.einsum("bshd,bnd->bshn", q.double(), keys.double())) * weights.double()[..., None]
         scores = scores.sum(2)
         limit = (positions + 1) // ratio
@@ -93,7 +93,7 @@ def record_indexer_margin():
         if bool(selecting.any()):
             ordered = scores.sort(dim=-1, descending=True).values
             margins.append(float((ordered[..., topk - 1] - ordered[..., topk])[selecting].min()))
-        return reference_indexer_topk(q, keys, weights, positions, ratio, topk, chunk, head_group)
+        return reference_indexer_topk(q, keys, weights, positions, ratio, topk, chunk, head_group, **kwargs)
 
     saved = ops._REGISTRY["indexer_topk"]["reference"]
     ops.register("indexer_topk", "reference", recording)
