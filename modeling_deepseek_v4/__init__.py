@@ -19,6 +19,11 @@ AutoConfig.register(DeepseekV4Config.model_type, DeepseekV4Config, exist_ok=True
 # exist_ok: the class *name* DeepseekV4Config is also native's; the mapping key is our own class object.
 AutoModel.register(DeepseekV4Config, DeepseekV4Model, exist_ok=True)
 AutoModelForCausalLM.register(DeepseekV4Config, DeepseekV4ForCausalLM, exist_ok=True)
+# `save_pretrained` / `push_to_hub` then write `auto_map` and copy the flat modeling files, so a saved folder loads
+# with `trust_remote_code=True` where this package is not installed (hf-integration.md §5).
+DeepseekV4Config.register_for_auto_class()
+DeepseekV4Model.register_for_auto_class("AutoModel")
+DeepseekV4ForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = [
     "DeepseekV4Cache",

@@ -13,6 +13,8 @@ caller's order at the end, so left-padded `generate` gives, for each sequence, w
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 
 import torch
@@ -143,6 +145,27 @@ class DeepseekV4PreTrainedModel(PreTrainedModel):
         "indexer.gate_proj",
     ]
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As transformers', and the custom-code folder is complete: `auto_map` names the config, the base model
+        and the causal LM (transformers writes one model class per save), plus a `requirements.txt`."""
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        path = os.path.join(save_directory, "config.json")
+        if getattr(self, "_auto_class", None) is not None and os.path.exists(path):
+            with open(path) as f:
+                config = json.load(f)
+            config.setdefault("auto_map", {}).update(
+                {
+                    "AutoConfig": "configuration_deepseek_v4.DeepseekV4Config",
+                    "AutoModel": "modeling_deepseek_v4.DeepseekV4Model",
+                    "AutoModelForCausalLM": "modeling_deepseek_v4.DeepseekV4ForCausalLM",
+                }
+            )
+            _write_text_atomic(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+            _write_text_atomic(
+                os.path.join(save_directory, "requirements.txt"), "torch>=2.11\ntransformers>=5.23,<6\n"
+            )
+        return result
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -170,6 +193,14 @@ class DeepseekV4PreTrainedModel(PreTrainedModel):
             init.ones_(module.hc_scale)
         elif isinstance(module, DeepseekV4HCACompressor):
             init.zeros_(module.position_bias)
+
+
+def _write_text_atomic(path: str, text: str) -> None:
+    """Write through a temporary file and rename, so a crash never leaves a half-written file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def _default_tid2eid(shape: torch.Size, num_experts: int) -> torch.Tensor:
