@@ -15,6 +15,12 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--output-dir", help="keep the saved model here (default: a temporary folder)")
     demo.add_argument("--new-tokens", type=int, default=16, help="tokens to generate per prompt (default 16)")
     demo.add_argument("--seed", type=int, default=0)
+    card = sub.add_parser("card", help="render README.md (a model card) for a model or adapter folder")
+    card.add_argument("folder")
+    card.add_argument("--output", help="where to write (default FOLDER/README.md)")
+    card.add_argument("--license", help="license identifier for the card metadata (e.g. mit)")
+    card.add_argument("--base-model", help="base model repo id (adapters and fine-tunes)")
+    card.add_argument("--dataset", action="append", dest="datasets", help="training dataset id (repeatable)")
     args = parser.parse_args(argv)
 
     # Tiny ops stall with 2 threads on small CPUs; the demo model is tiny.
@@ -23,6 +29,18 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import run_demo
 
         run_demo(args.output_dir, args.new_tokens, args.seed)
+    elif args.command == "card":
+        # model_cards builds on the modeling package; imported only here (pip-only CLI).
+        from modeling_deepseek_v4.model_cards import write_model_card
+
+        try:
+            path = write_model_card(
+                args.folder, args.output, license=args.license, base_model=args.base_model, datasets=args.datasets
+            )
+        except ValueError as exc:
+            print(f"dsv4 card: error: {exc}", file=sys.stderr)
+            return 2
+        print(f"wrote {path}")
     return 0
 
 

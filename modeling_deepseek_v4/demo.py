@@ -76,6 +76,10 @@ def run_demo(output_dir: str | None = None, new_tokens: int = 16, seed: int = 0)
         print(f"wrote the official layout (FP8 + FP4 experts) to {root / 'official'}: {', '.join(files)}")
         report = convert_official_to_plugin(root / "official", root / "converted", dtype="fp32", progress=False)
         print(f"converted back with dsv4-convert to-hf: {report}")
+        from modeling_deepseek_v4.model_cards import write_model_card
+
+        card = write_model_card(root / "converted", model_name="dsv4-demo-tiny")
+        print(f"wrote a model card (dsv4 card) to {card}")
         loaded = AutoModelForCausalLM.from_pretrained(root / "converted").eval()
     print(f"reloaded with AutoModelForCausalLM.from_pretrained -> {type(loaded).__name__}")
     # FP8 / FP4 keep at most 4 significant bits: the converted weights are the quantized ones, so compare with a

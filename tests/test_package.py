@@ -12,6 +12,7 @@ def test_demo_runs_and_checks_itself(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "demo OK" in out and "reloaded with AutoModelForCausalLM.from_pretrained" in out
     assert "official layout (FP8 + FP4 experts)" in out and "converted back with dsv4-convert" in out
+    assert (tmp_path / "converted" / "README.md").read_text().startswith("---")
     assert (tmp_path / "official" / "config.json").exists() and (tmp_path / "converted" / "config.json").exists()
 
 

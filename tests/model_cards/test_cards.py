@@ -1,0 +1,47 @@
+"""Model cards render offline from folder metadata (config, conversion provenance, adapter config)."""
+
+import json
+
+import pytest
+from huggingface_hub import ModelCard
+
+from modeling_deepseek_v4.__main__ import main
+from modeling_deepseek_v4.conversion import convert_official_to_plugin
+from modeling_deepseek_v4.model_cards import render_model_card
+from tests.conftest import tiny_config
+from tests.conversion.official_synth import make_official_checkpoint
+
+
+def test_card_for_a_converted_folder_has_metadata_and_provenance(tmp_path):
+    official = make_official_checkpoint(tmp_path / "snapshots" / "abc123", tiny_config(), n_shards=2)
+    convert_official_to_plugin(official.folder, tmp_path / "hf", progress=False)
+    assert (
+        main(["card", str(tmp_path / "hf"), "--license", "mit", "--base-model", "deepseek-ai/DeepSeek-V4-Flash"]) == 0
+    )
+    text = (tmp_path / "hf" / "README.md").read_text()
+    card = ModelCard(text)
+    data = card.data.to_dict()
+    assert data["license"] == "mit" and data["pipeline_tag"] == "text-generation"
+    assert data["library_name"] == "transformers" and data["base_model"] == "deepseek-ai/DeepSeek-V4-Flash"
+    assert {"deepseek_v4", "custom_code"} <= set(data["tags"])
+    # Provenance from dsv4_conversion.json: source folder and its Hub snapshot revision.
+    assert str(official.folder.resolve()) in text and "abc123" in text
+    assert "official->plugin" in text and "trust_remote_code=True" in text
+    # Metadata survives a YAML round trip (what the Hub parses).
+    assert ModelCard(str(card)).data.to_dict() == data
+
+
+def test_adapter_card_names_the_base_model_and_how_to_load(tmp_path):
+    adapter = {"peft_type": "LORA", "r": 8, "base_model_name_or_path": "org/dsv4-tiny", "target_modules": ["q_a_proj"]}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(adapter))
+    card = render_model_card(tmp_path, training={"learning_rate": 1e-4, "epochs": 1})
+    text = str(card)
+    assert card.data.base_model == "org/dsv4-tiny" and card.data.library_name == "peft"
+    assert "PeftModel.from_pretrained" in text and "learning_rate" in text
+
+
+def test_card_errors_are_clear(tmp_path, capsys):
+    with pytest.raises(ValueError, match="config.json"):
+        render_model_card(tmp_path)
+    assert main(["card", str(tmp_path)]) == 2
+    assert "dsv4 card: error" in capsys.readouterr().err
