@@ -45,3 +45,27 @@ def test_card_errors_are_clear(tmp_path, capsys):
         render_model_card(tmp_path)
     assert main(["card", str(tmp_path)]) == 2
     assert "dsv4 card: error" in capsys.readouterr().err
+
+
+def test_push_is_prepared_up_to_the_network_and_fails_clearly_offline(tmp_path, monkeypatch):
+    from modeling_deepseek_v4.model_cards import push_folder
+    from tests.conftest import tiny_model
+
+    tiny_model().save_pretrained(tmp_path / "m")
+    operations = push_folder(tmp_path / "m", "org/dsv4-tiny", dry_run=True, license="mit")
+    paths = {op.path_in_repo for op in operations}
+    assert {"config.json", "model.safetensors", "modeling_deepseek_v4.py", "README.md", "requirements.txt"} <= paths
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(RuntimeError, match="HF_HUB_OFFLINE"):
+        push_folder(tmp_path / "m", "org/dsv4-tiny", create_pr=True)
+
+
+def test_push_refuses_a_folder_without_custom_code(tmp_path):
+    from modeling_deepseek_v4.model_cards import prepare_upload
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "deepseek_v4_ext"}))
+    with pytest.raises(ValueError, match="custom code"):
+        prepare_upload(tmp_path)
