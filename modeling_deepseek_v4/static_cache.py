@@ -93,4 +93,5 @@ def compress_step(module, x: torch.Tensor, meta: BatchMeta, state: CompressorSta
 def window_step(window_kv: torch.Tensor, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys for the step `[B, W, D]` (cached W - 1 then the new one) and the next window `[B, W - 1, D]`."""
     keys = torch.cat([window_kv.to(kv.dtype), kv], dim=1)
-    return keys, keys[:, 1:]
+    # A fresh tensor (not a view of `keys`): equal strides every step, so a compiled step is not recompiled.
+    return keys, torch.cat([window_kv[:, 1:].to(kv.dtype), kv], dim=1)
