@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 
-from bench_prefill import GIB, TINY, build_model, environment, source_id
+from bench_prefill import GIB, TINY, build_model, emit, environment, source_id
 
 MODES = ("plugin", "native", "mtp", "compiled")
 LABELS = ("plugin eager", "native transformers", "plugin + MTP speculation", "plugin compiled + static cache")
@@ -311,13 +311,7 @@ def main() -> None:
                 info += f" = {1000 * r['total'] / r['tokens']:.1f} ms/token incl. prefill; plain greedy generate:"
                 info += f" {1000 * r['plain']:.1f} ms/token after the first token (total {r['plain_total']:.2f} s)"
                 lines.append(info + f"; same tokens as greedy: {r['same']}; last_mtp_stats: {r['stats']}")
-    if source_id().split("sources")[1] != source.split("sources")[1]:
-        lines += ["", f"WARNING: the package changed during the run (start: {source}; end: {source_id()})."]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    emit(lines, source, source_id(), args.out)
 
 
 if __name__ == "__main__":

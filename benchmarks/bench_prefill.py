@@ -55,6 +55,17 @@ TINY = dict(
 GIB = 1024**3
 
 
+def emit(lines: list[str], source_at_start: str, source_at_end: str, out: str | None) -> None:
+    """Print the report (warning when the package's sources changed during the run) and write it to `out`."""
+    if source_at_end.split("sources")[-1] != source_at_start.split("sources")[-1]:
+        lines += ["", f"WARNING: the package changed during the run (start: {source_at_start}; end: {source_at_end})."]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if out:
+        with open(out, "w") as f:
+            f.write(text)
+
+
 def build_model(impl: str):
     import torch
     import transformers
@@ -251,13 +262,7 @@ def main() -> None:
                 runs = ", ".join(f"{t:.3f}" for t in r["times"])
                 noisy = " noisy" if max(r["times"]) > 2 * min(r["times"]) else ""
                 lines.append(f"- {impl} {tokens}: {r['warmup']:.3f} | {runs}{noisy}")
-    if source_id() != source:
-        lines += ["", f"WARNING: the package changed during the run (start: {source}; end: {source_id()})."]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    emit(lines, source, source_id(), args.out)
 
 
 if __name__ == "__main__":

@@ -185,6 +185,10 @@ class SourceCheckpoint:
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
+    def ordered_names(self) -> list[str]:
+        """Tensor names shard by shard (in file order), sorted within a shard: the streaming order."""
+        return [n for f in self.files for n in sorted(t.name for t in self.tensors.values() if t.file == f)]
+
 
 @dataclass
 class ShardPlan:

@@ -156,7 +156,7 @@ def convert_plugin_to_official(
     scales = None
     if (src / "official_scales.safetensors.index.json").exists() or (src / "official_scales.safetensors").exists():
         scales = SourceCheckpoint(src, "official_scales.safetensors.index.json")
-    names = [n for n in _order(source) if not n.endswith("_scale_inv")]
+    names = [n for n in source.ordered_names() if not n.endswith("_scale_inv")]
     for name in names:
         if plugin_expert_param(name) is None:
             try:
@@ -182,9 +182,7 @@ def convert_plugin_to_official(
         for off, t in _planned(name, fake, expert_dtype, inter).items():
             sizes[off] = t
     plan = ShardPlan.build(sizes.items(), shard_size)
-    report = Report(
-        len(source.tensors), source.total_bytes, len(sizes), plan.total_bytes, len(plan.shards), str(dst), dry_run
-    )
+    report = Report.of(source, plan, dst, dry_run)
     if dry_run:
         return report
     out = OutputFolder(dst, plan.total_bytes, resume, progress, "export")
@@ -203,10 +201,6 @@ def convert_plugin_to_official(
     out.copy_from(src, ("generation_config.json", *COPIED_FILES))
     out.finish()
     return report
-
-
-def _order(source: SourceCheckpoint) -> list[str]:
-    return [n for f in source.files for n in sorted(t.name for t in source.tensors.values() if t.file == f)]
 
 
 def _planned(name: str, fake: torch.Tensor | None, expert_dtype: str, inter: int, only_names: bool = False):

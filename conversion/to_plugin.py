@@ -56,6 +56,12 @@ class Report:
     destination: str
     dry_run: bool
 
+    @classmethod
+    def of(cls, source: SourceCheckpoint, plan: ShardPlan, dst: Path, dry_run: bool) -> Report:
+        """Report for writing `plan` (the model shards) from `source` to `dst`."""
+        sizes = (len(plan.sizes), plan.total_bytes, len(plan.shards))
+        return cls(len(source.tensors), source.total_bytes, *sizes, str(dst), dry_run)
+
     def __str__(self) -> str:
         verb = "would write" if self.dry_run else "wrote"
         return (
@@ -200,7 +206,7 @@ def _build(out: Output, pieces: dict[str, torch.Tensor], dtype: str) -> dict[str
 def _plan_entries(source: SourceCheckpoint, outputs: dict[str, Output], dtype: str):
     """(completion order of outputs, byte sizes of every produced tensor), computed from headers only."""
     last_piece = {}
-    order = {name: i for i, name in enumerate(_source_order(source))}
+    order = {name: i for i, name in enumerate(source.ordered_names())}
     for out in outputs.values():
         last_piece[out.name] = max(order[p] for p in out.pieces)
     completion = sorted(outputs, key=lambda n: (last_piece[n], n))
@@ -218,10 +224,6 @@ def _meta(source: SourceCheckpoint, name: str) -> torch.Tensor:
 
     info = source.tensors[name]
     return torch.empty(info.shape, dtype=DTYPES[info.dtype][0], device="meta")
-
-
-def _source_order(source: SourceCheckpoint) -> list[str]:
-    return [n for f in source.files for n in sorted(t.name for t in source.tensors.values() if t.file == f)]
 
 
 def convert_official_to_plugin(
@@ -246,15 +248,7 @@ def convert_official_to_plugin(
     is_scale = [n for n in sizes if n.endswith(".official_scale")]
     model_plan = ShardPlan.build(((n, s) for n, s in sizes.items() if n not in is_scale), shard_size)
     scale_plan = ShardPlan.build(((n, sizes[n]) for n in is_scale), shard_size)
-    report = Report(
-        len(source.tensors),
-        source.total_bytes,
-        len(model_plan.sizes),
-        model_plan.total_bytes,
-        len(model_plan.shards),
-        str(dst),
-        dry_run,
-    )
+    report = Report.of(source, model_plan, dst, dry_run)
     if dry_run:
         return report
     out = OutputFolder(dst, model_plan.total_bytes + scale_plan.total_bytes, resume, progress)

@@ -48,11 +48,9 @@ def transcode_experts_to_fp8(
             sizes[name] = info.nbytes
     if not any(info.dtype == "I8" for info in source.tensors.values()):
         raise ConversionError(f"{src}: no packed FP4 (I8) expert tensors found; nothing to transcode.")
-    order = [n for f in source.files for n in sorted(t.name for t in source.tensors.values() if t.file == f)]
+    order = source.ordered_names()
     plan = ShardPlan.build(((n, sizes[n]) for n in order if n in sizes), shard_size)
-    report = Report(
-        len(source.tensors), source.total_bytes, len(sizes), plan.total_bytes, len(plan.shards), str(dst), dry_run
-    )
+    report = Report.of(source, plan, dst, dry_run)
     if dry_run:
         return report
     out = OutputFolder(dst, plan.total_bytes, resume, progress, "transcoding")
