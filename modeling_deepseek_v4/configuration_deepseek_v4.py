@@ -124,7 +124,12 @@ class DeepseekV4Config(PreTrainedConfig):
         `mlp_layer_types` kwarg folds into it), `output_router_logits`, `router_aux_loss_coef`, `router_jitter_noise`.
     MTP: `num_nextn_predict_layers`.
     Quantization: `expert_dtype` ("fp4", "fp8" or None: format of the routed experts in the checkpoint);
-        `quantization_config` is kept verbatim as an extra attribute (not a field).
+        `quantization_config` is kept verbatim as an extra attribute (not a field). `dsv4_quantization`: layout
+        of weights kept quantized in memory (`quantized_modules.QuantizationLayout`: FP8 linears, FP4 / FP8 routed
+        experts, scale dtype); None = dense. Deliberately not `quantization_config`, which transformers would hand
+        to its own FP8 quantizer. `reference_numerics`: reproduce the official forward's simulated quantization
+        (forward-math.md §9 R1-R4: FP8 activations before FP8/FP4 linears, FP8 KV round trip, Hadamard + FP4
+        indexer, bf16 index scores); off by default.
     Plugin runtime: `attn_chunk_size` (query chunk of the memory-bounded attention), `indexer_chunk_size` (query
         chunk of the indexer scoring), `ops_backend` ("auto", "reference" or "triton").
     Standard: `initializer_range`, `rms_norm_eps`, `use_cache`, token ids, `tie_word_embeddings` (always False).
@@ -190,6 +195,8 @@ class DeepseekV4Config(PreTrainedConfig):
     compress_ratios: list[int] | None = None
     num_hash_layers: int | None = None
     expert_dtype: str | None = None
+    dsv4_quantization: dict | None = None
+    reference_numerics: bool = False
     attn_chunk_size: int = 256
     indexer_chunk_size: int = 256
     ops_backend: str = "auto"

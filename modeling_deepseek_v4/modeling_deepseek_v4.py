@@ -34,6 +34,7 @@ from .hyper_connection import DeepseekV4HyperConnection, DeepseekV4HyperHead, De
 from .losses import router_balance_loss
 from .moe import DeepseekV4Experts, DeepseekV4HashRouter, DeepseekV4SparseMoeBlock, DeepseekV4TopKRouter
 from .mtp_speculation import build_mtp_candidate_generator
+from .quantized_modules import build_quantized_modules, init_quantized_module
 from .rope import BatchMeta, RopeTables
 from .static_cache import DeepseekV4StaticCache
 
@@ -168,8 +169,10 @@ class DeepseekV4PreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        super()._init_weights(module)
         std = self.config.initializer_range
+        if init_quantized_module(module, std):
+            return
+        super()._init_weights(module)
         if isinstance(module, DeepseekV4TopKRouter):
             init.normal_(module.weight, mean=0.0, std=std)
             if isinstance(module, DeepseekV4HashRouter):
@@ -245,6 +248,7 @@ class DeepseekV4Model(DeepseekV4PreTrainedModel):
         self.mtp = nn.ModuleList(DeepseekV4MTPLayer(config, n + i) for i in range(config.num_nextn_predict_layers))
         self.rope_tables = RopeTables(config.rope_parameters, config.qk_rope_head_dim)
         self.gradient_checkpointing = False
+        build_quantized_modules(self, config)
         self.post_init()
 
     def _decode_step_eager(

@@ -1,7 +1,8 @@
 """Public op functions and the backend registry.
 
 Model code calls one public function per op (`rms_norm`, `hc_pre`, `hc_post`, `hc_head`, `compress_pool`,
-`indexer_topk`, `sparse_attention`, `grouped_experts`). Each op has implementations registered per backend; the
+`indexer_topk`, `sparse_attention`, `grouped_experts`, `quantized_linear`). Each op has implementations registered
+per backend; the
 `reference` backend (``ops_reference.py``) runs everywhere and is the specification, fused kernels (``triton_*.py``,
 added by later work) register themselves here with a `supports(*args)` predicate checked per call, so a model can
 move between devices.
@@ -39,6 +40,9 @@ from .ops_reference import (
 )
 from .ops_reference import (
     indexer_topk as _indexer_topk,
+)
+from .ops_reference import (
+    quantized_linear as _quantized_linear,
 )
 from .ops_reference import (
     rms_norm as _rms_norm,
@@ -149,6 +153,7 @@ _REFERENCE = {
     "indexer_topk": _indexer_topk,
     "sparse_attention": _sparse_attention,
     "grouped_experts": _grouped_experts,
+    "quantized_linear": _quantized_linear,
 }
 for _op, _fn in _REFERENCE.items():
     register(_op, "reference", _fn)
@@ -161,3 +166,4 @@ compress_pool = _dispatch("compress_pool")
 indexer_topk = _dispatch("indexer_topk")
 sparse_attention = _dispatch("sparse_attention")
 grouped_experts = _dispatch("grouped_experts")
+quantized_linear = _dispatch("quantized_linear")

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .quant_formats import dequantize_weight, fp8_act_roundtrip
+
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     """Accumulation dtype: fp32, or fp64 for fp64 inputs (so gradcheck in float64 sees float64 math)."""
@@ -337,20 +339,25 @@ def grouped_experts(
     topk_weights: torch.Tensor,
     swiglu_limit: float,
     static_shapes: bool = False,
+    act_quant: bool = False,
 ) -> torch.Tensor:
     """Routed experts (forward-math.md §6): `y_t = sum_k w_tk * W2_e(swiglu(W13_e x_t))`, accumulated in fp32.
 
     Args:
         x: `[T, d]`; gate_up_proj: `[E, 2I, d]` (gate rows first); down_proj: `[E, d, I]`;
         topk_idx: `[T, K]` expert ids; topk_weights: `[T, K]` routing weights (applied to h before W2).
+    act_quant: FP8 round trip (1x128, pow2 scales) of x and of h before each expert matmul, as the official FP4 /
+        FP8 expert GEMMs (reference numerics R1, forward-math.md §9).
     Returns: `[T, d]` fp32. The weights are read at call time (PEFT parametrizations and quantized modules
-    swap what these tensors are).
+    swap what these tensors are): dense tensors, or `QuantizedWeight` views that dequantize what is indexed.
     """
     t, k = topk_idx.shape
+    cast = fp8_act_roundtrip if act_quant else _identity
+    x = cast(x)
     if static_shapes:
         # Gather each token's experts (decode: a few tokens): no data-dependent loop, compiles in one graph.
         h = _swiglu(torch.einsum("td,tkod->tko", x, gate_up_proj[topk_idx]), swiglu_limit)
-        h = (h * _up(topk_weights).unsqueeze(-1)).to(x.dtype)
+        h = cast((h * _up(topk_weights).unsqueeze(-1)).to(x.dtype))
         return _up(torch.einsum("tki,tkdi->tkd", h, down_proj[topk_idx])).sum(dim=1)
     out = torch.zeros(t, x.shape[-1], dtype=_acc_dtype(x), device=x.device)
     flat_idx = topk_idx.reshape(-1)
@@ -364,7 +371,26 @@ def grouped_experts(
             continue
         rows = token_of[offset : offset + count]
         h = _swiglu(F.linear(x[rows], gate_up_proj[expert]), swiglu_limit)
-        h = (h * _up(weight_of[offset : offset + count, None])).to(x.dtype)
+        h = cast((h * _up(weight_of[offset : offset + count, None])).to(x.dtype))
         out.index_add_(0, rows, _up(F.linear(h, down_proj[expert])))
         offset += count
     return out
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def quantized_linear(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_quant: bool = False
+) -> torch.Tensor:
+    """`y = x W^T` for a stored quantized weight: E4M3 `[N, K]` with 128x128 block scales or packed FP4 `[N, K/2]`
+    with 1x32 group scales (official `linear` in `inference/model.py`).
+
+    x: `[..., K]`. The weight is dequantized exactly to x.dtype and multiplied like a dense weight, so the result
+    equals `F.linear` with the dequantized weight. act_quant: FP8 round trip of x first (reference numerics R1).
+    Returns `[..., N]` in x.dtype.
+    """
+    if act_quant:
+        x = fp8_act_roundtrip(x)
+    return F.linear(x, dequantize_weight(weight, scale, x.dtype))

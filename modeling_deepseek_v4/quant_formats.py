@@ -318,6 +318,14 @@ def fp8_act_roundtrip(x: torch.Tensor, block: int = 128) -> torch.Tensor:
     return _apply_scale(q.float(), s, (1, block)).squeeze(-2).to(x.dtype)
 
 
+def dequantize_weight(data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Dequantize a stored weight by its storage dtype: E4M3 `[..., N, K]` with 128x128 block scales, or packed FP4
+    (int8 / uint8) `[..., N, K/2]` with 1x32 group scales. Returns `[..., N, K]` in `dtype`."""
+    if data.dtype == torch.float8_e4m3fn:
+        return dequantize_fp8_blocks(data, scale, dtype=dtype)
+    return dequantize_fp4(data, scale, dtype)
+
+
 class TranscodeIssue(NamedTuple):
     """A 128x128 block whose FP4 -> FP8 transcoding is not clean."""
 

@@ -1,0 +1,196 @@
+"""FP4 quantization-aware training (tech report §3.4 "FP4 Quantization-Aware Training").
+
+DeepSeek trained the routed experts with FP32 master weights that are quantized to FP4 (E2M1, 1x32 groups, pow2
+scales) in every forward, converted losslessly to FP8 for the matmul, with straight-through gradients to the
+master weights. `prepare_fp4_qat` swaps the routed experts (and optionally the FP8 linears, fake-quantized to E4M3
+128x128 blocks) for modules that do exactly that; parameter names do not change, so optimizers, `Trainer`
+checkpoints and PEFT (`target_modules` on linears, `target_parameters` on `mlp.experts.*`) work as on the dense
+model. `convert_qat` then stores the quantized weights: the quantized model's dequantized weights are bit-identical
+to the fake-quantized ones, so its logits equal the QAT model's.
+
+The fake quantization uses the same functions as the converter and the quantized modules
+(`modeling_deepseek_v4.quant_formats`), so an exported checkpoint re-quantizes with no change.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from modeling_deepseek_v4.attention import DeepseekV4GroupedLinear
+from modeling_deepseek_v4.moe import DeepseekV4Experts
+from modeling_deepseek_v4.ops import grouped_experts
+from modeling_deepseek_v4.quant_formats import dequantize_weight, quantize_fp4
+from modeling_deepseek_v4.quantized_modules import QuantizationLayout, _quantize_fp8, iter_fp8_targets
+
+from .quantize import _config_of, _expert_owners, quantize_model
+
+
+def fake_quantize(w: torch.Tensor, fmt: str, halves: int = 1) -> torch.Tensor:
+    """Quantize-dequantize `w [..., N, K]` with the official rules ("fp4": E2M1 1x32 groups; "fp8": E4M3 128x128
+    blocks, `halves` row halves blocked separately). Values are computed in fp32 and returned in w.dtype."""
+    src = w.detach().float()
+    if fmt == "fp4":
+        data, scale = quantize_fp4(src)
+        return dequantize_weight(data, scale, w.dtype)
+    if fmt == "fp8":
+        data, scale = _quantize_fp8(src, torch.float8_e8m0fnu, halves)
+        parts = zip(data.chunk(halves, dim=-2), scale.chunk(halves, dim=-2))
+        return torch.cat([dequantize_weight(d, s, w.dtype) for d, s in parts], dim=-2)
+    raise ValueError(f"unknown fake-quantization format {fmt!r}; expected 'fp4' or 'fp8'")
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the fake-quantized weight, exactly. Backward: the gradient passes to the master weight unchanged."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, fmt: str, halves: int) -> torch.Tensor:
+        return fake_quantize(w, fmt, halves)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None, None
+
+
+def ste_quantize(w: torch.Tensor, fmt: str, halves: int = 1) -> torch.Tensor:
+    return _StraightThrough.apply(w, fmt, halves)
+
+
+class FakeQuantWeight:
+    """Expert bank `[E, N, K]` seen by `grouped_experts`: indexing fake-quantizes only the selected experts (the
+    quantization is per expert, so this equals fake-quantizing the whole bank), in the activation dtype."""
+
+    def __init__(self, weight: torch.Tensor, fmt: str, dtype: torch.dtype, halves: int = 1):
+        self.weight, self.fmt, self.dtype, self.halves = weight, fmt, dtype, halves
+        self.shape = weight.shape
+
+    def __getitem__(self, index) -> torch.Tensor:
+        return ste_quantize(self.weight[index], self.fmt, self.halves).to(self.dtype)
+
+
+class DeepseekV4QATExperts(DeepseekV4Experts):
+    """Routed experts with fp32 master weights (`gate_up_proj`, `down_proj` Parameters, names unchanged) that are
+    fake-quantized (`fmt` "fp4" or "fp8") with straight-through gradients in every forward."""
+
+    def __init__(self, config, fmt: str = "fp4"):
+        super().__init__(config)
+        self.fmt = fmt
+        self.act_quant = False
+
+    def forward(self, x, indices, weights, static_shapes: bool = False) -> torch.Tensor:
+        # `self.gate_up_proj` is read here, at call time: a PEFT parametrization (LoRA on the experts) is fake-
+        # quantized together with the master weight, i.e. training sees the merged weight's quantization.
+        gate_up = FakeQuantWeight(self.gate_up_proj, self.fmt, x.dtype, halves=2)
+        down = FakeQuantWeight(self.down_proj, self.fmt, x.dtype)
+        return grouped_experts(
+            x,
+            gate_up,
+            down,
+            indices,
+            weights,
+            self.limit,
+            backend=self.backend,
+            static_shapes=static_shapes,
+            act_quant=self.act_quant,
+        )
+
+
+class DeepseekV4Fp8QATLinear(nn.Linear):
+    """`nn.Linear` whose fp32 master weight is fake-quantized to E4M3 128x128 blocks in every forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, ste_quantize(self.weight, "fp8").to(x.dtype))
+
+
+class DeepseekV4Fp8QATGroupedLinear(DeepseekV4GroupedLinear):
+    """Grouped `o_a_proj` with an E4M3 fake-quantized weight."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = ste_quantize(self.weight, "fp8").to(x.dtype).view(self.n_groups, -1, self.in_features)
+        return torch.einsum("...gi,goi->...go", x, w).flatten(-2)
+
+
+def _move(new: nn.Module, old: nn.Module, names: tuple[str, ...]) -> nn.Module:
+    """Give `new` the fp32 master copies of `old`'s parameters (same names, requires_grad kept)."""
+    for name in names:
+        p = getattr(old, name)
+        setattr(new, name, nn.Parameter(p.detach().float(), requires_grad=p.requires_grad))
+    return new
+
+
+def prepare_fp4_qat(model: nn.Module, experts: str = "fp4", linears: bool = False) -> nn.Module:
+    """Turn a dense DeepSeek-V4 model into its QAT form in place and return it.
+
+    experts: "fp4" (official QAT) or "fp8" fake quantization of the routed experts. linears: also fake-quantize
+    the FP8 linears (attention projections incl. `o_a_proj`, indexer `q_b_proj`, shared experts, MTP projections)
+    to E4M3. Master weights become fp32 Parameters with the same names. Call before wrapping with PEFT.
+    """
+    config = _config_of(model)
+    if QuantizationLayout.from_config(config) is not None:
+        raise ValueError(
+            "prepare_fp4_qat needs dense master weights, but this model is quantized (config.dsv4_quantization); "
+            "load it dense (or call dequantize_model) first"
+        )
+    if experts not in ("fp4", "fp8"):
+        raise ValueError(f"experts={experts!r}: expected 'fp4' or 'fp8'")
+    for owner in _expert_owners(model):
+        old = owner.experts
+        if type(old) is not DeepseekV4Experts:
+            raise TypeError(f"cannot prepare {type(old).__name__} for QAT: expected dense DeepseekV4Experts")
+        new = DeepseekV4QATExperts.__new__(DeepseekV4QATExperts)
+        nn.Module.__init__(new)
+        new.num_experts, new.limit, new.backend = old.num_experts, old.limit, old.backend
+        new.fmt, new.act_quant = experts, getattr(old, "act_quant", False)
+        owner.experts = _move(new, old, ("gate_up_proj", "down_proj"))
+    if linears:
+        for _, owner, attr in list(iter_fp8_targets(model)):
+            old = getattr(owner, attr)
+            if isinstance(old, DeepseekV4GroupedLinear) and type(old) is DeepseekV4GroupedLinear:
+                new = DeepseekV4Fp8QATGroupedLinear.__new__(DeepseekV4Fp8QATGroupedLinear)
+                nn.Module.__init__(new)
+                new.in_features, new.out_features, new.n_groups = old.in_features, old.out_features, old.n_groups
+            elif type(old) is nn.Linear:
+                new = DeepseekV4Fp8QATLinear.__new__(DeepseekV4Fp8QATLinear)
+                nn.Module.__init__(new)
+                new.in_features, new.out_features = old.in_features, old.out_features
+                new.register_parameter("bias", None)
+            else:
+                raise TypeError(f"cannot prepare {type(old).__name__} at {attr} for QAT: expected a dense linear")
+            setattr(owner, attr, _move(new, old, ("weight",)))
+    config.dsv4_qat = {"experts": experts, "linears": bool(linears)}
+    return model
+
+
+@torch.no_grad()
+def convert_qat(model: nn.Module, scale_dtype: str = "float8_e8m0fnu") -> nn.Module:
+    """Replace the QAT modules by quantized modules holding the same fake-quantized values (in place; returns the
+    model). Merge PEFT adapters first (`merge_and_unload()`), so that what is stored is what training saw."""
+    config = _config_of(model)
+    qat = getattr(config, "dsv4_qat", None)
+    if not qat:
+        raise ValueError("convert_qat: this model was not prepared with prepare_fp4_qat")
+    leftovers = [n for n, m in model.named_modules() if hasattr(m, "lora_A")]
+    if leftovers:
+        raise ValueError(
+            f"convert_qat: the model still has adapter layers ({leftovers[0]}, ...); merge them first with "
+            "`model = peft_model.merge_and_unload()` so the stored weights include the adapters"
+        )
+    for owner in _expert_owners(model):
+        old = owner.experts
+        dense = DeepseekV4Experts.__new__(DeepseekV4Experts)
+        nn.Module.__init__(dense)
+        dense.num_experts, dense.limit, dense.backend = old.num_experts, old.limit, old.backend
+        dense.act_quant = old.act_quant
+        owner.experts = _move(dense, old, ("gate_up_proj", "down_proj"))
+    for _, owner, attr in list(iter_fp8_targets(model)):
+        old = getattr(owner, attr)
+        if isinstance(old, DeepseekV4Fp8QATGroupedLinear):
+            dense = DeepseekV4GroupedLinear(old.in_features, old.out_features, old.n_groups)
+        elif isinstance(old, DeepseekV4Fp8QATLinear):
+            dense = nn.Linear(old.in_features, old.out_features, bias=False)
+        else:
+            continue
+        setattr(owner, attr, _move(dense, old, ("weight",)))
+    del config.dsv4_qat
+    weights = "fp8" if qat["linears"] else None
+    return quantize_model(model, weights=weights, experts=qat["experts"], scale_dtype=scale_dtype)
