@@ -19,6 +19,7 @@ from .cache import DeepseekV4LayerCache, LayerRecord, last_valid_window
 from .compressor import DeepseekV4CSACompressor, DeepseekV4HCACompressor
 from .hyper_connection import DeepseekV4RMSNorm
 from .ops import rms_norm, sparse_attention
+from .reference_numerics import kv_fp8_roundtrip
 from .rope import BatchMeta, apply_rope
 from .static_cache import compress_step, window_step
 
@@ -71,6 +72,8 @@ class DeepseekV4Attention(nn.Module):
         self.chunk = config.attn_chunk_size
         self.backend = config.ops_backend
         self.o_groups = config.o_groups
+        self.rope_dim = config.qk_rope_head_dim
+        self.reference_numerics = False  # R2 (reference_numerics.py), set by `set_reference_numerics`
 
         self.q_a_proj = nn.Linear(config.hidden_size, config.q_lora_rank, bias=False)
         self.q_a_norm = DeepseekV4RMSNorm(config.q_lora_rank, eps=config.rms_norm_eps)
@@ -97,6 +100,8 @@ class DeepseekV4Attention(nn.Module):
         q = self.q_b_proj(q_residual).view(b, s, self.num_heads, self.head_dim)
         q = apply_rope(rms_norm(q, None, self.eps), cos, sin)
         kv = apply_rope(self.kv_norm(self.kv_proj(x)), cos, sin)
+        if self.reference_numerics:
+            kv = kv_fp8_roundtrip(kv, self.rope_dim)
 
         if meta.static:
             return self._static_step(x, q, q_residual, kv, meta, cache, cos, sin)

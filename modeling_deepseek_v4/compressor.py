@@ -24,6 +24,7 @@ from torch import nn
 from .cache import CompressorRecord, CompressorState
 from .hyper_connection import DeepseekV4RMSNorm
 from .ops import compress_pool, indexer_topk
+from .reference_numerics import indexer_fp4_roundtrip, kv_fp8_roundtrip
 from .rope import BatchMeta, apply_rope
 
 
@@ -46,6 +47,14 @@ class DeepseekV4HCACompressor(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, width, bias=False)
         self.position_bias = nn.Parameter(torch.empty(self.compress_rate, width))
         self.kv_norm = DeepseekV4RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.rope_dim = config.qk_rope_head_dim
+        self.reference_numerics = False  # R2 / R3 (reference_numerics.py), set by `set_reference_numerics`
+
+    def entries(self, pooled: torch.Tensor, dtype: torch.dtype, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Pooled windows `[B, N, D]` fp32 -> entries in `dtype`: norm, RoPE, and in reference numerics the FP8
+        round trip of the non-RoPE dims (R2)."""
+        out = apply_rope(self.kv_norm(pooled.to(dtype)), cos, sin)
+        return kv_fp8_roundtrip(out, self.rope_dim) if self.reference_numerics else out
 
     def _project(self, x: torch.Tensor, meta: BatchMeta) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 kv and score `[B, S, width]`; the score gets `ape[position % m]`."""
@@ -87,7 +96,7 @@ class DeepseekV4HCACompressor(nn.Module):
 
         entry_idx = first_entry.unsqueeze(1) + torch.arange(n_windows, device=x.device)
         cos, sin = meta.tables.cos_sin("compress", entry_idx * m)
-        entries = apply_rope(self.kv_norm(pooled.to(x.dtype)), cos, sin)
+        entries = self.entries(pooled, x.dtype, cos, sin)
 
         if record is not None:
             record.append(
@@ -136,6 +145,11 @@ class DeepseekV4Indexer(DeepseekV4HCACompressor):
         self.q_b_proj = nn.Linear(config.q_lora_rank, self.num_heads * self.head_dim, bias=False)
         self.scorer = DeepseekV4IndexerScorer(config)
 
+    def entries(self, pooled: torch.Tensor, dtype: torch.dtype, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """As the compressor's, with the indexer's Hadamard + FP4 round trip in reference numerics (R3)."""
+        out = apply_rope(self.kv_norm(pooled.to(dtype)), cos, sin)
+        return indexer_fp4_roundtrip(out) if self.reference_numerics else out
+
     def forward(
         self,
         x: torch.Tensor,
@@ -152,6 +166,8 @@ class DeepseekV4Indexer(DeepseekV4HCACompressor):
         b, s, _ = x.shape
         q = self.q_b_proj(q_residual).view(b, s, self.num_heads, self.head_dim)
         q = apply_rope(q, *meta.rope["compress"])
+        if self.reference_numerics:
+            q = indexer_fp4_roundtrip(q)
         weights = self.scorer(x)
         return indexer_topk(
             q,
@@ -163,6 +179,7 @@ class DeepseekV4Indexer(DeepseekV4HCACompressor):
             self.chunk,
             backend=self.backend,
             static_shapes=meta.static,
+            round_scores=self.reference_numerics,
         )
 
 

@@ -27,6 +27,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 from transformers.modeling_utils import PreTrainedModel
 
 from .attention import DeepseekV4Attention, DeepseekV4GroupedLinear
+from .bnb_quant import apply_bnb_to_custom_weights, bnb_4bit_settings
 from .cache import DeepseekV4Cache, DeepseekV4LayerCache
 from .compressor import DeepseekV4HCACompressor
 from .configuration_deepseek_v4 import DeepseekV4Config
@@ -35,6 +36,7 @@ from .losses import router_balance_loss
 from .moe import DeepseekV4Experts, DeepseekV4HashRouter, DeepseekV4SparseMoeBlock, DeepseekV4TopKRouter
 from .mtp_speculation import build_mtp_candidate_generator
 from .quantized_modules import build_quantized_modules, init_quantized_module
+from .reference_numerics import set_reference_numerics
 from .rope import BatchMeta, RopeTables
 from .static_cache import DeepseekV4StaticCache
 
@@ -146,6 +148,18 @@ class DeepseekV4PreTrainedModel(PreTrainedModel):
         "indexer.gate_proj",
     ]
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """As transformers'; with a bitsandbytes 4-bit `quantization_config`, the routed experts and the grouped
+        `o_a_proj` (which bitsandbytes leaves dense: it swaps only exact `nn.Linear`) are stored 4-bit too
+        (`bnb_quant.py`)."""
+        result = super().from_pretrained(*args, **kwargs)
+        model = result[0] if isinstance(result, tuple) else result
+        quantization_config = getattr(model.config, "quantization_config", None)
+        if bnb_4bit_settings(quantization_config) is not None:
+            apply_bnb_to_custom_weights(model, quantization_config)
+        return result
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """As transformers', and the custom-code folder is complete: `auto_map` names the config, the base model
         and the causal LM (transformers writes one model class per save), plus a `requirements.txt`."""
@@ -249,6 +263,8 @@ class DeepseekV4Model(DeepseekV4PreTrainedModel):
         self.rope_tables = RopeTables(config.rope_parameters, config.qk_rope_head_dim)
         self.gradient_checkpointing = False
         build_quantized_modules(self, config)
+        if config.reference_numerics:
+            set_reference_numerics(self, True)
         self.post_init()
 
     def _decode_step_eager(

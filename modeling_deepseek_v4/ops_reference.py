@@ -170,6 +170,7 @@ def indexer_topk(
     chunk: int = 256,
     head_group: int = 8,
     static_shapes: bool = False,
+    round_scores: bool = False,
 ) -> torch.Tensor:
     """Lightning indexer: per query, the top-k causal compressed entries by `I[t, s] = sum_h w[t, h] relu(q_h . K_s)`.
 
@@ -180,6 +181,7 @@ def indexer_topk(
         weights: `[B, S, H]` per-head weights, already scaled (`weights_proj(x) * H^-1/2 * c^-1/2`).
         positions: `[B, S]` absolute positions; query t may select s < (t + 1) // ratio.
         topk: k. Chunked over queries (`chunk`) and heads (`head_group`) so memory is O(chunk * N).
+        round_scores: round I to bf16 before the top-k, like the reference's bf16 einsum (reference numerics R4).
     Returns: `[B, S, min(k, N)]` int64 entry indices, -1 where there is no entry. Among equal scores the lowest
     index wins (project rule, forward-math.md §5), so prefill, chunked prefill and decode select identically.
     """
@@ -192,7 +194,7 @@ def indexer_topk(
     limits = (positions + 1) // ratio
     qf, kf, wf = _up(q), _up(keys), _up(weights)
     if static_shapes:
-        return _indexer_topk_static(qf, kf, wf, limits, k)
+        return _indexer_topk_static(qf, kf, wf, limits, k, round_scores)
     for i0 in range(0, s, chunk):
         i1 = min(i0 + chunk, s)
         lim = limits[:, i0:i1]
@@ -213,6 +215,8 @@ def indexer_topk(
             logits = torch.bmm(qf[:, i0:i1, h0:h1].reshape(b, c * (h1 - h0), -1), key_t).relu_()
             part = torch.matmul(wf[:, i0:i1, h0:h1].unsqueeze(-2), logits.view(b, c, h1 - h0, n_used)).squeeze(-2)
             scores = part if scores is None else scores.add_(part)
+        if round_scores:
+            scores = scores.to(torch.bfloat16).to(scores.dtype)
         # Only columns past the smallest causal limit of the chunk can be non-causal.
         lo = min(int(lim.min()), n_used)
         tail = torch.arange(lo, n_used, device=q.device)
@@ -222,12 +226,16 @@ def indexer_topk(
     return out
 
 
-def _indexer_topk_static(q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, limits: torch.Tensor, k: int):
+def _indexer_topk_static(
+    q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, limits: torch.Tensor, k: int, round_scores: bool
+):
     """`indexer_topk` without value-dependent shapes (decode step under `torch.compile`): scores every entry."""
     b, s, h, _ = q.shape
     n = keys.shape[1]
     logits = torch.bmm(q.reshape(b, s * h, -1), keys.transpose(1, 2)).relu_().view(b, s, h, n)
     scores = torch.matmul(w.unsqueeze(-2), logits).squeeze(-2)
+    if round_scores:
+        scores = scores.to(torch.bfloat16).to(scores.dtype)
     cols = torch.arange(n, device=q.device)
     scores = scores.masked_fill(cols >= limits.unsqueeze(-1), float("-inf"))
     idx = cols.expand(b, s, n) if k == n else _select_topk_lowest_index(scores.view(b * s, n), k).view(b, s, k)

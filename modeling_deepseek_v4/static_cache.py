@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .cache import CompressorState, DeepseekV4Cache
 from .ops import compress_pool
-from .rope import BatchMeta, apply_rope
+from .rope import BatchMeta
 
 
 class DeepseekV4StaticCache(DeepseekV4Cache):
@@ -79,7 +79,7 @@ def compress_step(module, x: torch.Tensor, meta: BatchMeta, state: CompressorSta
     pooled = compress_pool(state.buf_kv, state.buf_score, m, state.overlap_kv, state.overlap_score)
     entry = meta.start // m
     cos, sin = meta.tables.cos_sin("compress", (entry * m).unsqueeze(1))
-    value = apply_rope(module.kv_norm(pooled.to(x.dtype)), cos, sin)
+    value = module.entries(pooled, x.dtype, cos, sin)
     index = entry.view(-1, 1, 1).expand(-1, 1, value.shape[-1])
     state.entries = state.entries.scatter(1, index, value.to(state.entries.dtype))
     if state.overlap_kv is not None:

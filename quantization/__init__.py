@@ -11,6 +11,8 @@ The formats themselves live in the modeling folder (`modeling_deepseek_v4.quant_
 quantized models carry them.
 """
 
+from modeling_deepseek_v4.reference_numerics import set_reference_numerics
+
 from .qat import convert_qat, prepare_fp4_qat
 from .quantize import dequantize_model, quantize_model, resident_weight_bytes
 
@@ -20,4 +22,5 @@ __all__ = [
     "prepare_fp4_qat",
     "quantize_model",
     "resident_weight_bytes",
+    "set_reference_numerics",
 ]

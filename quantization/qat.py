@@ -23,7 +23,7 @@ from modeling_deepseek_v4.ops import grouped_experts
 from modeling_deepseek_v4.quant_formats import dequantize_weight, quantize_fp4
 from modeling_deepseek_v4.quantized_modules import QuantizationLayout, _quantize_fp8, iter_fp8_targets
 
-from .quantize import _config_of, _expert_owners, quantize_model
+from .quantize import _config_of, _expert_owners, _refresh_numerics, quantize_model
 
 
 def fake_quantize(w: torch.Tensor, fmt: str, halves: int = 1) -> torch.Tensor:
@@ -158,7 +158,7 @@ def prepare_fp4_qat(model: nn.Module, experts: str = "fp4", linears: bool = Fals
                 raise TypeError(f"cannot prepare {type(old).__name__} at {attr} for QAT: expected a dense linear")
             setattr(owner, attr, _move(new, old, ("weight",)))
     config.dsv4_qat = {"experts": experts, "linears": bool(linears)}
-    return model
+    return _refresh_numerics(model, config)
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ from modeling_deepseek_v4.quantized_modules import (
     QuantizationLayout,
     iter_fp8_targets,
 )
+from modeling_deepseek_v4.reference_numerics import set_reference_numerics
 
 QUANTIZED_TYPES = (DeepseekV4Fp8Linear, DeepseekV4Fp8GroupedLinear, DeepseekV4QuantizedExperts)
 
@@ -30,6 +31,13 @@ def _config_of(model: nn.Module):
     if config is None or not hasattr(config, "n_routed_experts"):
         raise TypeError(f"expected a DeepSeek-V4 model (with a DeepseekV4Config), got {type(model).__name__}")
     return config
+
+
+def _refresh_numerics(model: nn.Module, config) -> nn.Module:
+    """Reinstall reference-numerics hooks on the swapped-in modules when the mode is on."""
+    if getattr(config, "reference_numerics", False):
+        set_reference_numerics(model, True)
+    return model
 
 
 def _expert_owners(model: nn.Module) -> list[nn.Module]:
@@ -81,7 +89,7 @@ def quantize_model(
             new.load_dense(old.gate_up_proj, old.down_proj)
             owner.experts = new
     config.dsv4_quantization = layout.to_dict()
-    return model
+    return _refresh_numerics(model, config)
 
 
 @torch.no_grad()
@@ -106,7 +114,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
                 continue
             setattr(owner, attr, new)
     config.dsv4_quantization = None
-    return model
+    return _refresh_numerics(model, config)
 
 
 def resident_weight_bytes(model: nn.Module) -> dict[str, dict[str, float]]:
