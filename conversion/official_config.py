@@ -106,9 +106,9 @@ def plugin_config_from_official(raw: dict, dtype: str) -> DeepseekV4Config:
     except (ValueError, TypeError) as exc:
         raise ConversionError(f"config.json: {exc}") from None
     config.architectures = ["DeepseekV4ForCausalLM"]
-    if dtype == "keep":
-        # Not `quantization_config`: transformers would hand that to its own FP8 quantizer.
-        config.dsv4_quantization = quantization or {}
+    # `quantization_config` is dropped: transformers would hand it to its own FP8 quantizer. In keep mode the
+    # converter records the layout it found in the tensors as `dsv4_quantization` instead.
+    del quantization
     config.dtype = {"bf16": "bfloat16", "fp32": "float32", "keep": "bfloat16"}[dtype]
     return config
 

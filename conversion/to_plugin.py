@@ -12,6 +12,7 @@ are kept in `official_scales*.safetensors` so that exporting an unchanged model 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -114,6 +115,39 @@ def _map_sources(source: SourceCheckpoint, expected: dict[str, torch.Size], n_mt
             f"({len(missing)} in all); a shard is probably missing or the config does not match the weights."
         )
     return outputs
+
+
+# Plugin names of the linears the quantized model keeps in FP8 (`quantized_modules.FP8_MODULES`).
+_FP8_TARGET = re.compile(
+    r"\.(self_attn\.(q_a|q_b|kv|o_a|o_b)_proj|indexer\.q_b_proj|shared_experts\.(gate|up|down)_proj|[eh]_proj)\.weight$"
+)
+_EXPERT_FORMATS = {"I8": "fp4", "F8_E4M3": "fp8", "BF16": None, "F32": None}
+_SCALE_DTYPES = {"F8_E8M0": "float8_e8m0fnu", "F32": "float32"}
+
+
+def _keep_layout(source: SourceCheckpoint, outputs: dict[str, Output]) -> dict:
+    """The `dsv4_quantization` layout of a `--dtype keep` folder, read from the tensor dtypes (not the config:
+    official-format.md §3 says to trust dtypes), or `ConversionError` if the checkpoint mixes formats."""
+    fp8 = {o.source_dtype for name, o in outputs.items() if _FP8_TARGET.search(name)}
+    experts = {o.source_dtype for o in outputs.values() if o.experts}
+    scales = {source.tensors[p].dtype for o in outputs.values() for p in o.pieces if p.endswith(".scale")}
+    problems = []
+    if fp8 - {"F8_E4M3"} and fp8 != {"BF16"}:
+        problems.append(f"the FP8 linears come in {sorted(fp8)}")
+    if len(experts) != 1 or not experts <= set(_EXPERT_FORMATS):
+        problems.append(f"the routed experts come in {sorted(experts)}")
+    if len(scales) > 1 or not scales <= set(_SCALE_DTYPES):
+        problems.append(f"the scales come in {sorted(scales)}")
+    if problems:
+        raise ConversionError(
+            f"{source.folder}: --dtype keep needs one storage format per kind of weight, but {'; '.join(problems)}. "
+            "Convert with --dtype bf16 instead (exact)."
+        )
+    return {
+        "weights": "fp8" if fp8 == {"F8_E4M3"} else None,
+        "experts": _EXPERT_FORMATS[experts.pop()],
+        "scale_dtype": _SCALE_DTYPES[scales.pop()] if scales else "float8_e8m0fnu",
+    }
 
 
 def _dequantized_shape(source: SourceCheckpoint, name: str) -> tuple[int, ...]:
@@ -244,6 +278,8 @@ def convert_official_to_plugin(
     source = SourceCheckpoint(src)
     outputs = _map_sources(source, _expected_state(config), config.num_nextn_predict_layers)
     _check_shapes(source, outputs, config)
+    if dtype == "keep":
+        config.dsv4_quantization = _keep_layout(source, outputs)
     completion, sizes = _plan_entries(source, outputs, dtype)
     is_scale = [n for n in sizes if n.endswith(".official_scale")]
     model_plan = ShardPlan.build(((n, s) for n, s in sizes.items() if n not in is_scale), shard_size)

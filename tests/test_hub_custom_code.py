@@ -7,8 +7,10 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
+from modeling_deepseek_v4.quantization import quantize_model
 from tests.conftest import tiny_model
 
 CHILD = textwrap.dedent(
@@ -25,6 +27,10 @@ CHILD = textwrap.dedent(
     assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
     assert type(AutoConfig.from_pretrained(repo, trust_remote_code=True)).__name__ == "DeepseekV4Config"
     assert type(AutoModel.from_pretrained(repo, trust_remote_code=True)).__name__ == "DeepseekV4Model"
+    if len(sys.argv) > 3:  # quantized folder: the quantized modules come from the Hub copy too
+        experts = type(model.model.layers[0].mlp.experts)
+        assert experts.__name__ == sys.argv[3] and experts.__module__.startswith("transformers_modules"), experts
+        assert model.model.layers[0].self_attn.q_a_proj.weight.dtype == torch.float8_e4m3fn
     ids = torch.load(sys.argv[1])
     with torch.no_grad():
         torch.save(model(ids, use_cache=False).logits, sys.argv[2])
@@ -50,8 +56,11 @@ def test_saved_folder_carries_custom_code(tmp_path):
     assert not {"__init__.py", "__main__.py", "demo.py"} & files  # pip-only files stay out
 
 
-def test_loads_from_offline_hub_cache_without_the_package(tmp_path):
+@pytest.mark.parametrize("quantized", [False, True], ids=["dense", "fp8-fp4"])
+def test_loads_from_offline_hub_cache_without_the_package(tmp_path, quantized):
     model = tiny_model()
+    if quantized:
+        quantize_model(model, weights="fp8", experts="fp4")
     model.save_pretrained(tmp_path / "saved")
     fake_hub_cache(tmp_path / "saved", tmp_path / "hub")
     ids = torch.randint(0, model.config.vocab_size, (1, 40))
@@ -59,7 +68,8 @@ def test_loads_from_offline_hub_cache_without_the_package(tmp_path):
     env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "mods")}
     env["PATH"] = "/usr/bin:/bin"
     run = subprocess.run(
-        [sys.executable, "-c", CHILD, str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
+        [sys.executable, "-c", CHILD, str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")]
+        + (["DeepseekV4QuantizedExperts"] if quantized else []),
         capture_output=True,
         text=True,
         timeout=300,
