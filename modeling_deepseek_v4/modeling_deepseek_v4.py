@@ -27,7 +27,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 from transformers.modeling_utils import PreTrainedModel
 
 from .attention import DeepseekV4Attention, DeepseekV4GroupedLinear
-from .bnb_quant import apply_bnb_to_custom_weights, bnb_4bit_settings
+from .bnb_quant import apply_bnb_to_custom_weights, bnb_4bit_settings, with_dense_modules
 from .cache import DeepseekV4Cache, DeepseekV4LayerCache
 from .compressor import DeepseekV4HCACompressor
 from .configuration_deepseek_v4 import DeepseekV4Config
@@ -151,8 +151,12 @@ class DeepseekV4PreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         """As transformers'; with a bitsandbytes 4-bit `quantization_config`, the routed experts and the grouped
-        `o_a_proj` (which bitsandbytes leaves dense: it swaps only exact `nn.Linear`) are stored 4-bit too
-        (`bnb_quant.py`)."""
+        `o_a_proj` (which bitsandbytes leaves dense: it swaps only exact `nn.Linear`) are stored 4-bit too, while
+        `lm_head` and the strict-fp32 compressor projections stay dense (`bnb_quant.py`)."""
+        if kwargs.get("quantization_config") is not None:
+            kwargs["quantization_config"] = with_dense_modules(
+                kwargs["quantization_config"], cls._keep_in_fp32_modules_strict
+            )
         result = super().from_pretrained(*args, **kwargs)
         model = result[0] if isinstance(result, tuple) else result
         quantization_config = getattr(model.config, "quantization_config", None)
