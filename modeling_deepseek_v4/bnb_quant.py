@@ -36,11 +36,26 @@ from .moe import DeepseekV4Experts
 from .ops import grouped_experts
 from .quantized_modules import _KeepsStorageDtype
 
-try:
-    import bitsandbytes as bnb
-    import bitsandbytes.functional as bnb_functional
-except ImportError:  # optional dependency
-    bnb = bnb_functional = None
+
+class _LazyBnb:
+    """`bitsandbytes`, imported on first use: importing it loads native libraries (and logs about optional CPU
+    kernels), which a model that never uses 4-bit should not pay for. `module` is None when it is not installed."""
+
+    _module = False
+
+    @property
+    def module(self):
+        if _LazyBnb._module is False:
+            try:
+                import bitsandbytes
+                import bitsandbytes.functional  # noqa: F401
+            except ImportError:  # optional dependency
+                bitsandbytes = None
+            _LazyBnb._module = bitsandbytes
+        return _LazyBnb._module
+
+
+_lazy = _LazyBnb()
 
 logger = logging.getLogger(__name__)
 
@@ -49,11 +64,12 @@ BLOCKSIZE = 64
 
 def bnb_4bit_available() -> tuple[bool, str]:
     """(True, "") when bitsandbytes can quantize and dequantize 4-bit on CPU here, else (False, the reason)."""
+    bnb = _lazy.module
     if bnb is None:
         return False, "bitsandbytes is not installed (pip install bitsandbytes)"
     try:
-        packed, state = bnb_functional.quantize_4bit(torch.ones(BLOCKSIZE), blocksize=BLOCKSIZE, quant_type="nf4")
-        bnb_functional.dequantize_4bit(packed, state)
+        packed, state = bnb.functional.quantize_4bit(torch.ones(BLOCKSIZE), blocksize=BLOCKSIZE, quant_type="nf4")
+        bnb.functional.dequantize_4bit(packed, state)
     except Exception as err:  # no CUDA and no CPU kernels, broken build, ...
         return False, f"bitsandbytes {bnb.__version__} cannot run 4-bit (de)quantization on CPU: {err}"
     return True, ""
@@ -98,7 +114,7 @@ def _quantize_stack(w: torch.Tensor, quant_type: str) -> tuple[torch.Tensor, tor
     packed, absmax = [], []
     for expert in w.detach():  # one expert at a time: the fp32 working copy stays one expert big
         row = nn.functional.pad(expert.float().flatten(), (0, -expert.numel() % BLOCKSIZE))
-        q, state = bnb_functional.quantize_4bit(row, blocksize=BLOCKSIZE, quant_type=quant_type)
+        q, state = _lazy.module.functional.quantize_4bit(row, blocksize=BLOCKSIZE, quant_type=quant_type)
         packed.append(q.view(-1))
         absmax.append(state.absmax.float())
     return torch.stack(packed), torch.stack(absmax)
@@ -115,15 +131,15 @@ class Bnb4bitWeight:
     def __getitem__(self, index) -> torch.Tensor:
         packed, absmax = self.packed[index], self.absmax[index]
         lead, padded = packed.shape[:-1], 2 * packed.shape[-1]
-        state = bnb_functional.QuantState(
+        state = _lazy.module.functional.QuantState(
             absmax=absmax.reshape(-1),
             shape=torch.Size((packed.numel() * 2,)),
-            code=bnb_functional.get_4bit_type(self.quant_type, device=packed.device),
+            code=_lazy.module.functional.get_4bit_type(self.quant_type, device=packed.device),
             blocksize=BLOCKSIZE,
             quant_type=self.quant_type,
             dtype=self.dtype,
         )
-        dense = bnb_functional.dequantize_4bit(packed.reshape(-1), state).view(*lead, padded)
+        dense = _lazy.module.functional.dequantize_4bit(packed.reshape(-1), state).view(*lead, padded)
         return dense[..., : self.shape[-2] * self.shape[-1]].reshape(*lead, *self.shape[-2:])
 
     def dequantize(self) -> torch.Tensor:
@@ -218,7 +234,7 @@ def _check_cpu_linear4bit(model: nn.Module) -> None:
     (This module's own banks are dequantized flat, which that kernel handles correctly.)"""
     misdequantized = []
     for name, module in model.named_modules():
-        if not isinstance(module, bnb.nn.Linear4bit) or module.weight.device.type != "cpu":
+        if not isinstance(module, _lazy.module.nn.Linear4bit) or module.weight.device.type != "cpu":
             continue
         if module.in_features % BLOCKSIZE or module.out_features % 32:
             module.support_avx512bf16_for_cpu = False
@@ -228,7 +244,7 @@ def _check_cpu_linear4bit(model: nn.Module) -> None:
         logger.warning(
             "bitsandbytes %s on CPU dequantizes 4-bit weights whose input width is not a multiple of %d incorrectly; "
             "affected: %s",
-            bnb.__version__,
+            _lazy.module.__version__,
             BLOCKSIZE,
             ", ".join(misdequantized[:3])
             + (f" and {len(misdequantized) - 3} more" if len(misdequantized) > 3 else ""),
@@ -327,7 +343,7 @@ def apply_bnb_to_custom_weights(model: nn.Module, quantization_config) -> dict:
             counts[key] += 1
             counts["dense_bytes"] += new.dense_nbytes
             counts["quantized_bytes"] += new.quantized_nbytes()
-    counts["linear4bit"] = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    counts["linear4bit"] = sum(isinstance(m, _lazy.module.nn.Linear4bit) for m in model.modules())
     _check_cpu_linear4bit(model)
     _guard_quantizer(model)
     logger.info("DeepSeek-V4 bitsandbytes 4-bit (%s): %s", quant_type, counts)

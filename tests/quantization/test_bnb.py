@@ -60,7 +60,7 @@ def load_4bit(folder, config=None):
 
 
 def test_clear_error_without_bitsandbytes(monkeypatch):
-    monkeypatch.setattr(bnb_quant, "bnb", None)
+    monkeypatch.setattr(bnb_quant._LazyBnb, "_module", None)
     assert bnb_4bit_available() == (False, "bitsandbytes is not installed (pip install bitsandbytes)")
     with pytest.raises(ImportError, match="bitsandbytes 4-bit loading is not possible: bitsandbytes is not installed"):
         apply_bnb_to_custom_weights(tiny_model(), nf4())
@@ -87,7 +87,7 @@ def test_load_quantizes_linears_and_expert_banks(dense_folder, compute_dtype, qu
     quantized = [n for n in linears if not DENSE_LINEARS.search(n)]
     assert len(quantized) == 48 and len(linears) - len(quantized) == 11
     for name in linears:
-        want = nn.Linear if DENSE_LINEARS.search(name) else bnb_quant.bnb.nn.Linear4bit
+        want = nn.Linear if DENSE_LINEARS.search(name) else bnb_quant._lazy.module.nn.Linear4bit
         assert type(modules[name]) is want, name
     banks = [n for n, m in dense.named_modules() if isinstance(m, DeepseekV4Experts)]
     grouped = [n for n, m in dense.named_modules() if isinstance(m, DeepseekV4GroupedLinear)]
@@ -134,9 +134,11 @@ def test_logits_equal_the_dequantized_model_and_stay_close_to_dense(dense_folder
     originals = dict(dense.named_modules())
     with torch.no_grad():
         for name, module in model.named_modules():
-            if isinstance(module, bnb_quant.bnb.nn.Linear4bit):
+            if isinstance(module, bnb_quant._lazy.module.nn.Linear4bit):
                 module.support_avx512bf16_for_cpu = False  # fp32 compute (module docstring)
-                weight = bnb_quant.bnb_functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+                weight = bnb_quant._lazy.module.functional.dequantize_4bit(
+                    module.weight.data, module.weight.quant_state
+                )
                 pairs = [(targets[name].weight, weight, originals[name].weight)]
             elif isinstance(module, DeepseekV4Bnb4bitExperts):
                 gate_up, down = module.dequantized()
@@ -196,12 +198,14 @@ def test_save_raises_and_dequantize_gives_a_dense_model_that_saves(dense_folder,
     assert not (tmp_path / "4bit" / "model.safetensors").exists()
 
     for module in model.modules():
-        if isinstance(module, bnb_quant.bnb.nn.Linear4bit):
+        if isinstance(module, bnb_quant._lazy.module.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False  # fp32 compute (module docstring)
     with torch.no_grad():
         before = model(IDS).logits
     model.dequantize()
-    assert not any(isinstance(m, (bnb_quant.bnb.nn.Linear4bit, bnb_quant._Bnb4bitStorage)) for m in model.modules())
+    assert not any(
+        isinstance(m, (bnb_quant._lazy.module.nn.Linear4bit, bnb_quant._Bnb4bitStorage)) for m in model.modules()
+    )
     assert type(model.model.layers[2].mlp.experts) is DeepseekV4Experts
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     model.save_pretrained(tmp_path / "dense")
