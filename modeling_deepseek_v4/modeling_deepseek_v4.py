@@ -13,8 +13,6 @@ caller's order at the end, so left-padded `generate` gives, for each sequence, w
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 
 import torch
@@ -27,14 +25,14 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 from transformers.modeling_utils import PreTrainedModel
 
 from .attention import DeepseekV4Attention, DeepseekV4GroupedLinear
-from .bnb_quant import apply_bnb_to_custom_weights, bnb_4bit_settings, with_dense_modules
 from .cache import DeepseekV4Cache, DeepseekV4LayerCache
 from .compressor import DeepseekV4HCACompressor
 from .configuration_deepseek_v4 import DeepseekV4Config
+from .generation_hooks import DeepseekV4GenerationHooks
 from .hyper_connection import DeepseekV4HyperConnection, DeepseekV4HyperHead, DeepseekV4RMSNorm
 from .losses import router_balance_loss
 from .moe import DeepseekV4Experts, DeepseekV4HashRouter, DeepseekV4SparseMoeBlock, DeepseekV4TopKRouter
-from .mtp_speculation import build_mtp_candidate_generator
+from .pretrained_io import DeepseekV4PretrainedIO
 from .quantized_modules import build_quantized_modules, init_quantized_module
 from .reference_numerics import set_reference_numerics
 from .rope import BatchMeta, RopeTables
@@ -115,7 +113,7 @@ class DeepseekV4CausalLMOutput(MoeCausalLMOutputWithPast):
     last_streams: torch.Tensor | None = None
 
 
-class DeepseekV4PreTrainedModel(PreTrainedModel):
+class DeepseekV4PreTrainedModel(DeepseekV4PretrainedIO, PreTrainedModel):
     config: DeepseekV4Config
     config_class = DeepseekV4Config
     base_model_prefix = "model"
@@ -148,43 +146,6 @@ class DeepseekV4PreTrainedModel(PreTrainedModel):
         "indexer.gate_proj",
     ]
 
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """As transformers'; with a bitsandbytes 4-bit `quantization_config`, the routed experts and the grouped
-        `o_a_proj` (which bitsandbytes leaves dense: it swaps only exact `nn.Linear`) are stored 4-bit too, while
-        `lm_head` and the strict-fp32 compressor projections stay dense (`bnb_quant.py`)."""
-        if kwargs.get("quantization_config") is not None:
-            kwargs["quantization_config"] = with_dense_modules(
-                kwargs["quantization_config"], cls._keep_in_fp32_modules_strict
-            )
-        result = super().from_pretrained(*args, **kwargs)
-        model = result[0] if isinstance(result, tuple) else result
-        quantization_config = getattr(model.config, "quantization_config", None)
-        if bnb_4bit_settings(quantization_config) is not None:
-            apply_bnb_to_custom_weights(model, quantization_config)
-        return result
-
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """As transformers', and the custom-code folder is complete: `auto_map` names the config, the base model
-        and the causal LM (transformers writes one model class per save), plus a `requirements.txt`."""
-        result = super().save_pretrained(save_directory, *args, **kwargs)
-        path = os.path.join(save_directory, "config.json")
-        if getattr(self, "_auto_class", None) is not None and os.path.exists(path):
-            with open(path) as f:
-                config = json.load(f)
-            config.setdefault("auto_map", {}).update(
-                {
-                    "AutoConfig": "configuration_deepseek_v4.DeepseekV4Config",
-                    "AutoModel": "modeling_deepseek_v4.DeepseekV4Model",
-                    "AutoModelForCausalLM": "modeling_deepseek_v4.DeepseekV4ForCausalLM",
-                }
-            )
-            _write_text_atomic(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
-            _write_text_atomic(
-                os.path.join(save_directory, "requirements.txt"), "torch>=2.11\ntransformers>=5.23,<6\n"
-            )
-        return result
-
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -214,14 +175,6 @@ class DeepseekV4PreTrainedModel(PreTrainedModel):
             init.ones_(module.hc_scale)
         elif isinstance(module, DeepseekV4HCACompressor):
             init.zeros_(module.position_bias)
-
-
-def _write_text_atomic(path: str, text: str) -> None:
-    """Write through a temporary file and rename, so a crash never leaves a half-written file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _default_tid2eid(shape: torch.Size, num_experts: int) -> torch.Tensor:
@@ -380,7 +333,7 @@ class DeepseekV4Model(DeepseekV4PreTrainedModel):
         )
 
 
-class DeepseekV4ForCausalLM(DeepseekV4PreTrainedModel, GenerationMixin):
+class DeepseekV4ForCausalLM(DeepseekV4GenerationHooks, DeepseekV4PreTrainedModel, GenerationMixin):
     """Causal LM head on `DeepseekV4Model`; fp32 logits, `num_items_in_batch`-aware loss, optional aux loss."""
 
     _tied_weights_keys = {}
@@ -391,44 +344,6 @@ class DeepseekV4ForCausalLM(DeepseekV4PreTrainedModel, GenerationMixin):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        """Give `generate` a `DeepseekV4Cache` instead of a `DynamicCache` (hf-integration.md §6.1)."""
-        impl = generation_config.cache_implementation
-        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
-            if impl == "static":
-                length = max(
-                    kwargs.get("max_cache_length", args[2] if len(args) > 2 else 0), generation_config.max_length or 0
-                )
-                model_kwargs["past_key_values"] = DeepseekV4StaticCache(self.config, max_cache_len=length)
-                return
-            if impl not in (None, "dynamic"):
-                raise ValueError(
-                    f"cache_implementation={impl!r} is not supported by DeepSeek-V4; use None / 'dynamic' "
-                    "(DeepseekV4Cache, rollback-capable) or 'static' (DeepseekV4StaticCache, compilable)."
-                )
-            model_kwargs["past_key_values"] = DeepseekV4Cache(self.config)
-            return
-        return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-
-    # --- MTP self-speculative decoding hook: `generate(..., use_mtp=True)`; the logic is in mtp_speculation.py ---
-    def _get_candidate_generator(self, generation_config, *args, **kwargs):
-        """With `use_mtp=True` the model's own MTP block drafts (`DeepseekV4MTPCandidateGenerator`)."""
-        if generation_config.use_mtp:
-            return build_mtp_candidate_generator(self, generation_config, *args, **kwargs)
-        return super()._get_candidate_generator(generation_config, *args, **kwargs)
-
-    # --- end of the MTP hook ---
-
-    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
-        """As transformers', but always hand the model the 2-D mask: it does its own masking, and `generate`
-        would otherwise build 4-D masks for compileable caches (the static cache)."""
-        inputs = super().prepare_inputs_for_generation(input_ids, attention_mask=attention_mask, **kwargs)
-        if attention_mask is None:
-            inputs.pop("attention_mask", None)
-        else:
-            inputs["attention_mask"] = attention_mask
-        return inputs
 
     def forward(
         self,
