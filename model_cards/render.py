@@ -44,10 +44,12 @@ def render_model_card(
         raise ValueError(f"{folder}: neither config.json nor adapter_config.json; is this a model folder?")
     conversion = _read_json(folder / "dsv4_conversion.json") or {}
     base_model = base_model or (adapter or {}).get("base_model_name_or_path")
-    quantized = (config or {}).get("dsv4_quantization") is not None
+    layout = (config or {}).get("dsv4_quantization") or {}
+    qat = (config or {}).get("dsv4_qat") or {}
     card_tags = ["deepseek_v4", "deepseek_v4_ext", "custom_code", "mixture-of-experts"] + list(tags or [])
-    if quantized:
-        card_tags += ["fp8", "fp4"]
+    card_tags += sorted({v for v in (layout.get("weights"), layout.get("experts")) if v})
+    if qat:
+        card_tags.append("qat")
     if adapter is not None:
         card_tags += ["peft", "lora"] if adapter.get("peft_type", "LORA") == "LORA" else ["peft"]
     data = ModelCardData(
@@ -61,6 +63,12 @@ def render_model_card(
     name = model_name or folder.resolve().name
     architecture = _architecture(config) if config else [("adapter for", base_model or "unknown base model")]
     provenance = [(k.replace("_", " "), v) for k, v in conversion.items() if v is not None]
+    if layout:
+        formats = f"linears {layout.get('weights') or 'dense'}, routed experts {layout.get('experts') or 'dense'}"
+        provenance.append(("weights kept quantized", f"{formats}, scales {layout.get('scale_dtype')}"))
+    if qat:
+        linears = " and FP8 linears" if qat.get("linears") else ""
+        provenance.append(("quantization-aware training", f"{qat.get('experts')} routed experts{linears}"))
     if adapter is not None:
         provenance += [("adapter type", adapter.get("peft_type")), ("rank", adapter.get("r"))]
         provenance += [("target modules", adapter.get("target_modules"))]

@@ -167,8 +167,8 @@ def convert_qat(model: nn.Module, scale_dtype: str = "float8_e8m0fnu") -> nn.Mod
     model). Merge PEFT adapters first (`merge_and_unload()`), so that what is stored is what training saw."""
     config = _config_of(model)
     qat = getattr(config, "dsv4_qat", None)
-    if not qat:
-        raise ValueError("convert_qat: this model was not prepared with prepare_fp4_qat")
+    if not qat or qat.get("converted"):
+        raise ValueError("convert_qat: this model was not prepared with prepare_fp4_qat (or is already converted)")
     leftovers = [n for n, m in model.named_modules() if hasattr(m, "lora_A")]
     if leftovers:
         raise ValueError(
@@ -191,6 +191,7 @@ def convert_qat(model: nn.Module, scale_dtype: str = "float8_e8m0fnu") -> nn.Mod
         else:
             continue
         setattr(owner, attr, _move(dense, old, ("weight",)))
-    del config.dsv4_qat
+    # kept as provenance (model cards): the stored weights are the QAT-trained ones
+    config.dsv4_qat = {**qat, "converted": True}
     weights = "fp8" if qat["linears"] else None
     return quantize_model(model, weights=weights, experts=qat["experts"], scale_dtype=scale_dtype)

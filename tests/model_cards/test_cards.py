@@ -69,3 +69,14 @@ def test_push_refuses_a_folder_without_custom_code(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "deepseek_v4_ext"}))
     with pytest.raises(ValueError, match="custom code"):
         prepare_upload(tmp_path)
+
+
+def test_card_of_a_qat_converted_quantized_model(tmp_path):
+    from modeling_deepseek_v4.quantization import convert_qat, prepare_fp4_qat
+    from tests.conftest import tiny_model
+
+    convert_qat(prepare_fp4_qat(tiny_model(), linears=True)).save_pretrained(tmp_path)
+    card = render_model_card(tmp_path, license="mit")
+    assert {"fp8", "fp4", "qat"} <= set(card.data.to_dict()["tags"])
+    text = str(card)
+    assert "linears fp8, routed experts fp4" in text and "quantization-aware training" in text
