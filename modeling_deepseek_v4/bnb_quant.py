@@ -33,7 +33,6 @@ from torch import nn
 
 from .attention import DeepseekV4GroupedLinear
 from .moe import DeepseekV4Experts
-from .ops import grouped_experts
 from .quantized_modules import _KeepsStorageDtype
 
 
@@ -177,19 +176,10 @@ class DeepseekV4Bnb4bitExperts(_Bnb4bitStorage):
         self._store("gate_up_proj", experts.gate_up_proj)
         self._store("down_proj", experts.down_proj)
 
-    def forward(self, x, indices, weights, static_shapes: bool = False) -> torch.Tensor:
-        """x `[T, d]`, indices/weights `[T, K]` -> `[T, d]` fp32 (as `DeepseekV4Experts`)."""
-        return grouped_experts(
-            x.to(self.compute_dtype),
-            self.weight_view("gate_up_proj"),
-            self.weight_view("down_proj"),
-            indices,
-            weights,
-            self.limit,
-            backend=self.backend,
-            static_shapes=static_shapes,
-            act_quant=self.act_quant,
-        )
+    forward = DeepseekV4Experts.forward  # with `compute_dtype` set, x is cast to it first
+
+    def expert_banks(self, dtype: torch.dtype) -> tuple[Bnb4bitWeight, Bnb4bitWeight]:
+        return self.weight_view("gate_up_proj"), self.weight_view("down_proj")
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense `[E, 2I, d]`, `[E, d, I]` in `dtype`."""

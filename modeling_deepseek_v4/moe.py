@@ -87,14 +87,24 @@ class DeepseekV4Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(self.num_experts, config.hidden_size, inter))
         self.act_quant = False  # reference numerics R1 (FP8 round trip of x and h), see reference_numerics.py
 
+    compute_dtype: torch.dtype | None = None  # storage formats with a fixed compute dtype (bitsandbytes) set it
+
+    def expert_banks(self, dtype: torch.dtype):
+        """The banks as `grouped_experts` reads them, `[E, 2I, d]` and `[E, d, I]`: here the parameters, read at
+        call time (PEFT parametrizations); quantized / QAT variants return views that dequantize what is indexed."""
+        return self.gate_up_proj, self.down_proj
+
     def forward(
         self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, static_shapes: bool = False
     ) -> torch.Tensor:
         """x `[T, d]`, indices/weights `[T, K]` -> `[T, d]` fp32."""
+        if self.compute_dtype is not None:
+            x = x.to(self.compute_dtype)
+        gate_up, down = self.expert_banks(x.dtype)
         return grouped_experts(
             x,
-            self.gate_up_proj,
-            self.down_proj,
+            gate_up,
+            down,
             indices,
             weights,
             self.limit,

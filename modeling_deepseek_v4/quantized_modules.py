@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .moe import DeepseekV4Experts
 from .ops import quantized_linear
 from .quant_formats import FP4_GROUP, FP8_BLOCK, dequantize_weight, quantize_fp4, quantize_fp8_blocks
 
@@ -233,29 +234,15 @@ class DeepseekV4QuantizedExperts(_KeepsStorageDtype, nn.Module):
             self.register_buffer(name, data)
             self.register_buffer(name + "_scale_inv", scale)
 
-    def weights(self, dtype: torch.dtype) -> tuple[QuantizedWeight, QuantizedWeight]:
+    def expert_banks(self, dtype: torch.dtype) -> tuple[QuantizedWeight, QuantizedWeight]:
         """Lazy dequantizing views (`QuantizedWeight`) of `gate_up_proj` and `down_proj` in `dtype`."""
         return (
             QuantizedWeight(self.gate_up_proj, self.gate_up_proj_scale_inv, dtype, halves=2),
             QuantizedWeight(self.down_proj, self.down_proj_scale_inv, dtype),
         )
 
-    def forward(self, x, indices, weights, static_shapes: bool = False) -> torch.Tensor:
-        """x `[T, d]`, indices/weights `[T, K]` -> `[T, d]` fp32 (as `DeepseekV4Experts`)."""
-        from .ops import grouped_experts
-
-        gate_up, down = self.weights(x.dtype)
-        return grouped_experts(
-            x,
-            gate_up,
-            down,
-            indices,
-            weights,
-            self.limit,
-            backend=self.backend,
-            static_shapes=static_shapes,
-            act_quant=self.act_quant,
-        )
+    compute_dtype = None
+    forward = DeepseekV4Experts.forward
 
     @torch.no_grad()
     def load_dense(self, gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> None:
@@ -271,7 +258,7 @@ class DeepseekV4QuantizedExperts(_KeepsStorageDtype, nn.Module):
                 scale[e].copy_(s)
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        gate_up, down = self.weights(dtype)
+        gate_up, down = self.expert_banks(dtype)
         return gate_up.dequantize(), down.dequantize()
 
     def extra_repr(self) -> str:

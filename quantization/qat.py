@@ -19,7 +19,6 @@ from torch import nn
 
 from modeling_deepseek_v4.attention import DeepseekV4GroupedLinear
 from modeling_deepseek_v4.moe import DeepseekV4Experts
-from modeling_deepseek_v4.ops import grouped_experts
 from modeling_deepseek_v4.quant_formats import dequantize_weight, quantize_fp4
 from modeling_deepseek_v4.quantized_modules import QuantizationLayout, _quantize_fp8, iter_fp8_targets
 
@@ -77,21 +76,12 @@ class DeepseekV4QATExperts(DeepseekV4Experts):
         self.fmt = fmt
         self.act_quant = False
 
-    def forward(self, x, indices, weights, static_shapes: bool = False) -> torch.Tensor:
+    def expert_banks(self, dtype: torch.dtype) -> tuple[FakeQuantWeight, FakeQuantWeight]:
         # `self.gate_up_proj` is read here, at call time: a PEFT parametrization (LoRA on the experts) is fake-
         # quantized together with the master weight, i.e. training sees the merged weight's quantization.
-        gate_up = FakeQuantWeight(self.gate_up_proj, self.fmt, x.dtype, halves=2)
-        down = FakeQuantWeight(self.down_proj, self.fmt, x.dtype)
-        return grouped_experts(
-            x,
-            gate_up,
-            down,
-            indices,
-            weights,
-            self.limit,
-            backend=self.backend,
-            static_shapes=static_shapes,
-            act_quant=self.act_quant,
+        return (
+            FakeQuantWeight(self.gate_up_proj, self.fmt, dtype, halves=2),
+            FakeQuantWeight(self.down_proj, self.fmt, dtype),
         )
 
 

@@ -126,7 +126,7 @@ def resident_weight_bytes(model: nn.Module) -> dict[str, dict[str, float]]:
             entry, count = totals["fp8_linears"], module.weight.numel()
         elif isinstance(module, DeepseekV4QuantizedExperts):
             entry = totals["experts"]
-            count = sum(w.shape.numel() for w in module.weights(torch.float32))
+            count = sum(w.shape.numel() for w in module.expert_banks(torch.float32))
         else:
             continue
         entry[0] += module.quantized_nbytes()
