@@ -81,7 +81,16 @@ def run_demo(output_dir: str | None = None, new_tokens: int = 16, seed: int = 0)
         card = write_model_card(root / "converted", model_name="dsv4-demo-tiny")
         print(f"wrote a model card (dsv4 card) to {card}")
         loaded = AutoModelForCausalLM.from_pretrained(root / "converted").eval()
+        # The same checkpoint kept quantized in memory (FP8 linears, packed FP4 experts): same logits.
+        convert_official_to_plugin(root / "official", root / "keep", dtype="keep", progress=False)
+        quantized = AutoModelForCausalLM.from_pretrained(root / "keep", dtype=torch.float32).eval()
     print(f"reloaded with AutoModelForCausalLM.from_pretrained -> {type(loaded).__name__}")
+    probe = torch.randint(2, 512, (1, 48), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        gap = (quantized(probe).logits - loaded(probe).logits).abs().max().item()
+    weights_in = sum(b.nbytes for b in quantized.buffers()) + sum(p.nbytes for p in quantized.parameters())
+    print(f"quantized in memory (--dtype keep): {weights_in / 2**20:.2f} MiB of weights, max logit gap {gap:.1e}")
+    assert gap < 1e-4, "the quantized model does not compute what its dequantized weights compute"
     # FP8 / FP4 keep at most 4 significant bits: the converted weights are the quantized ones, so compare with a
     # second export of the *loaded* model, which must reproduce them exactly.
     same = _requantized_equal(loaded)
@@ -105,6 +114,7 @@ def run_demo(output_dir: str | None = None, new_tokens: int = 16, seed: int = 0)
         "parameters": n_params,
         "official_round_trip_exact": same,
         "left_padded_batch_equals_single": True,
+        "quantized_equals_dequantized": True,
         "seconds": round(time.perf_counter() - started, 2),
     }
     print(f"demo OK: {summary}")
