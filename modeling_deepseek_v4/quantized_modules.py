@@ -273,6 +273,15 @@ def iter_fp8_targets(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
                 yield f"{name}.{attr}" if name else attr, owner, attr
 
 
+def empty_fp8_like(old: nn.Module, scale_dtype: torch.dtype, backend: str = "auto") -> nn.Module:
+    """An empty FP8 module with the shape of the linear `old` (grouped `o_a_proj` or `nn.Linear`)."""
+    if hasattr(old, "n_groups"):
+        return DeepseekV4Fp8GroupedLinear(old.in_features, old.out_features, old.n_groups, scale_dtype)
+    new = DeepseekV4Fp8Linear(old.in_features, old.out_features, scale_dtype)
+    new.backend = backend
+    return new
+
+
 def build_quantized_modules(model: nn.Module, config) -> None:
     """Swap in empty quantized modules for `config.dsv4_quantization` (called by `DeepseekV4Model.__init__`)."""
     layout = QuantizationLayout.from_config(config)
@@ -281,13 +290,7 @@ def build_quantized_modules(model: nn.Module, config) -> None:
     scale_dtype = layout.torch_scale_dtype
     if layout.weights == "fp8":
         for _, owner, attr in list(iter_fp8_targets(model)):
-            old = getattr(owner, attr)
-            if hasattr(old, "n_groups"):
-                new = DeepseekV4Fp8GroupedLinear(old.in_features, old.out_features, old.n_groups, scale_dtype)
-            else:
-                new = DeepseekV4Fp8Linear(old.in_features, old.out_features, scale_dtype)
-                new.backend = config.ops_backend
-            setattr(owner, attr, new)
+            setattr(owner, attr, empty_fp8_like(getattr(owner, attr), scale_dtype, config.ops_backend))
     if layout.experts is not None:
         for owner in [m for m in model.modules() if hasattr(m, "experts") and hasattr(m, "gate")]:
             owner.experts = DeepseekV4QuantizedExperts(config, layout.experts, scale_dtype)

@@ -19,6 +19,7 @@ from modeling_deepseek_v4.quantized_modules import (
     DeepseekV4Fp8Linear,
     DeepseekV4QuantizedExperts,
     QuantizationLayout,
+    empty_fp8_like,
     iter_fp8_targets,
 )
 from modeling_deepseek_v4.reference_numerics import set_reference_numerics
@@ -66,17 +67,12 @@ def quantize_model(
     if weights == "fp8":
         for _, owner, attr in list(iter_fp8_targets(model)):
             old = getattr(owner, attr)
-            if isinstance(old, DeepseekV4GroupedLinear):
-                new = DeepseekV4Fp8GroupedLinear(old.in_features, old.out_features, old.n_groups, sdtype)
-            elif type(old) is nn.Linear:
-                new = DeepseekV4Fp8Linear(old.in_features, old.out_features, sdtype)
-                new.backend = config.ops_backend
-            else:
+            if type(old) not in (nn.Linear, DeepseekV4GroupedLinear):
                 raise TypeError(
                     f"cannot quantize {type(old).__name__} at {attr}: expected a dense nn.Linear; merge or remove "
                     "adapters (PEFT `merge_and_unload()`) and QAT wrappers (`convert_qat`) first"
                 )
-            new.to(old.weight.device)
+            new = empty_fp8_like(old, sdtype, config.ops_backend).to(old.weight.device)
             new.load_dense(old.weight)
             setattr(owner, attr, new)
     if experts is not None:
