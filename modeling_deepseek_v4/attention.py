@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .cache import DeepseekV4LayerCache, LayerRecord, last_valid_window
+from .cache import DeepseekV4LayerCache, last_valid_window
 from .compressor import DeepseekV4CSACompressor, DeepseekV4HCACompressor
 from .hyper_connection import DeepseekV4RMSNorm
 from .ops import rms_norm, sparse_attention
@@ -107,28 +107,25 @@ class DeepseekV4Attention(nn.Module):
             return self._static_step(x, q, q_residual, kv, meta, cache, cos, sin)
         keys = kv
         if cache is not None:
+            # The cache keeps W - 1 keys per row, plus the rollback history (cache.py); attention reads W - 1.
+            kept = cache.window_history(self.sliding_window)
             prior = cache.window_kv
             if prior is None:
-                prior = kv.new_zeros(b, self.sliding_window - 1, self.head_dim)
-            keys = torch.cat([prior.to(kv.dtype), kv], dim=1)
-            cache.window_kv = last_valid_window(keys, meta.lengths, prior.shape[1], self.sliding_window - 1)
+                prior = kv.new_zeros(b, kept, self.head_dim)
+            history = torch.cat([prior.to(kv.dtype), kv], dim=1)
+            cache.window_kv = last_valid_window(history, meta.lengths, kept, kept)
             cache.is_initialized = True
+            keys = history[:, kept - (self.sliding_window - 1) :]
 
         compressed, topk_idx, ratio = None, None, 0
-        recording = cache is not None and cache.recording
-        records: dict[str, list] = {"compressor": [], "indexer": []} if recording else {}
         if self.compressor is not None:
             ratio = self.compressor.compress_rate
             state = self._state(cache, "compressor", self.compressor, x)
-            compressed = self.compressor.compress(x, meta, state, records.get("compressor"))
+            compressed = self.compressor.compress(x, meta, state)
             if self.layer_type == "compressed_sparse_attention":
                 indexer = self.compressor.indexer
                 state = self._state(cache, "indexer", indexer, x)
-                topk_idx = indexer(x, q_residual, meta, state, records.get("indexer"))
-        if recording:
-            done = {name: items[0] for name, items in records.items() if items}
-            cache.records.append(LayerRecord(keys, keys.shape[1] - s, self.sliding_window - 1, done))
-
+                topk_idx = indexer(x, q_residual, meta, state)
         return self._attend(q, keys, meta, compressed, ratio, topk_idx, cos, sin)
 
     def _attend(self, q, keys, meta: BatchMeta, compressed, ratio: int, topk_idx, cos, sin) -> torch.Tensor:
@@ -170,5 +167,5 @@ class DeepseekV4Attention(nn.Module):
         if cache is None:
             return None
         if name not in cache.states:
-            cache.states[name] = compressor.new_state(x)
+            cache.states[name] = compressor.new_state(x, cache.rollback_tokens)
         return cache.states[name]

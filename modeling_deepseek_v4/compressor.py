@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import CompressorRecord, CompressorState
+from .cache import CompressorState
 from .hyper_connection import DeepseekV4RMSNorm
 from .ops import compress_pool, indexer_topk
 from .reference_numerics import indexer_fp4_roundtrip, kv_fp8_roundtrip
@@ -63,20 +63,17 @@ class DeepseekV4HCACompressor(nn.Module):
         score = score + self.position_bias.float()[meta.positions % self.compress_rate]
         return kv, score
 
-    def new_state(self, x: torch.Tensor) -> CompressorState:
-        """Empty streaming state for a batch like `x [B, S, d]`."""
+    def new_state(self, x: torch.Tensor, rollback: int = 0) -> CompressorState:
+        """Empty streaming state for a batch like `x [B, S, d]`, with a history to undo `rollback` tokens."""
         width = self.kv_proj.out_features
         return CompressorState.empty(
-            x.shape[0], self.compress_rate, width, self.head_dim, self.overlap, x.device, x.dtype
+            x.shape[0], self.compress_rate, width, self.head_dim, self.overlap, x.device, x.dtype, rollback
         )
 
-    def compress(
-        self, x: torch.Tensor, meta: BatchMeta, state: CompressorState | None, record: list | None = None
-    ) -> torch.Tensor:
+    def compress(self, x: torch.Tensor, meta: BatchMeta, state: CompressorState | None) -> torch.Tensor:
         """Consume the new tokens of `x [B, S, d]`; returns the row-aligned entries `[B, N, D]` (x.dtype).
 
-        `state` (from the cache) is updated in place; None means a stateless call starting at position 0. With
-        `record`, what is needed to roll this call back (`CompressorRecord`) is appended to it.
+        `state` (from the cache) is updated in place; None means a stateless call starting at position 0.
         """
         m = self.compress_rate
         kv, score = self._project(x, meta)
@@ -98,13 +95,8 @@ class DeepseekV4HCACompressor(nn.Module):
         cos, sin = meta.tables.cos_sin("compress", entry_idx * m)
         entries = self.entries(pooled, x.dtype, cos, sin)
 
-        if record is not None:
-            record.append(
-                CompressorRecord(
-                    aligned_kv, aligned_score, state.overlap_kv, state.overlap_score, buffered, m, self.head_dim
-                )
-            )
-        state.settle(aligned_kv, aligned_score, state.overlap_kv, state.overlap_score, total, m, self.head_dim)
+        state.remember(kv, score, meta.lengths)
+        state.settle(aligned_kv, aligned_score, state.overlap_kv, state.overlap_score, total, self.head_dim)
 
         old = state.entries
         if old.shape[1] == 0 and not bool(first_entry.any()):
@@ -156,10 +148,9 @@ class DeepseekV4Indexer(DeepseekV4HCACompressor):
         q_residual: torch.Tensor,
         meta: BatchMeta,
         state: CompressorState | None,
-        record: list | None = None,
     ) -> torch.Tensor:
         """Top-k entry indices `[B, S, min(k, N)]` (-1 = none) for the new queries."""
-        return self.select(x, q_residual, meta, self.compress(x, meta, state, record))
+        return self.select(x, q_residual, meta, self.compress(x, meta, state))
 
     def select(self, x: torch.Tensor, q_residual: torch.Tensor, meta: BatchMeta, keys: torch.Tensor) -> torch.Tensor:
         """Score the indexer `keys [B, N, c_I]` for the new queries and keep the top-k causal entries."""

@@ -136,7 +136,7 @@ class DeepseekV4Config(PreTrainedConfig):
     """
 
     model_type = "deepseek_v4_ext"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
     # Standard MoE names read by FP8 / TP integrations and by `LlamaMLP`-style shared experts, as native.
     attribute_map = {"num_local_experts": "n_routed_experts", "intermediate_size": "moe_intermediate_size"}
     # `rope_parameters` is keyed by these labels, not by `layer_types` (read by the base RoPE helpers).

@@ -26,6 +26,7 @@ from transformers.modeling_utils import PreTrainedModel
 
 from .attention import DeepseekV4Attention, DeepseekV4GroupedLinear
 from .cache import DeepseekV4Cache, DeepseekV4LayerCache
+from .compat import cache_kwargs, pick_cache, with_cache_aliases
 from .compressor import DeepseekV4HCACompressor
 from .configuration_deepseek_v4 import DeepseekV4Config
 from .generation_hooks import DeepseekV4GenerationHooks
@@ -57,11 +58,11 @@ class DeepseekV4DecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         meta: BatchMeta | None = None,
         input_ids: torch.Tensor | None = None,
-        past_key_values: DeepseekV4LayerCache | None = None,
+        layer_cache: DeepseekV4LayerCache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         collapsed, post, comb = self.attn_hc(hidden_states)
-        attn_out = self.self_attn(self.input_layernorm(collapsed), meta, past_key_values)
+        attn_out = self.self_attn(self.input_layernorm(collapsed), meta, layer_cache)
         hidden_states = self.attn_hc.expand(attn_out, hidden_states, post, comb)
         collapsed, post, comb = self.ffn_hc(hidden_states)
         static = meta is not None and meta.static
@@ -90,15 +91,16 @@ class DeepseekV4MTPLayer(DeepseekV4DecoderLayer):
         next_embeds: torch.Tensor,
         meta: BatchMeta,
         next_ids: torch.Tensor | None,
-        past_key_values: DeepseekV4LayerCache | None = None,
+        layer_cache: DeepseekV4LayerCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """streams `[B, S, n, d]` (main model, before `hc_head`), next_embeds `[B, S, d]` -> (hidden `[B, S, d]`,
-        streams `[B, S, n, d]`). `past_key_values`: the block's own window cache (MTP speculation)."""
+        streams `[B, S, n, d]`). `layer_cache`: the block's own window cache (MTP speculation)."""
         x = self.h_proj(self.hnorm(streams)) + self.e_proj(self.enorm(next_embeds)).unsqueeze(2)
-        x, _ = self(x, meta=meta, input_ids=next_ids, past_key_values=past_key_values)
+        x, _ = self(x, meta=meta, input_ids=next_ids, layer_cache=layer_cache)
         return self.norm(self.hc_head(x)), x
 
 
+@with_cache_aliases
 @dataclass
 class DeepseekV4ModelOutput(MoeModelOutputWithPast):
     """`MoeModelOutputWithPast` plus the final residual streams `[B, S, n, d]` (for MTP) when requested."""
@@ -106,6 +108,7 @@ class DeepseekV4ModelOutput(MoeModelOutputWithPast):
     last_streams: torch.Tensor | None = None
 
 
+@with_cache_aliases
 @dataclass
 class DeepseekV4CausalLMOutput(MoeCausalLMOutputWithPast):
     """`MoeCausalLMOutputWithPast` plus `last_streams` `[B, S', n, d]` when `forward(return_streams=...)` asks."""
@@ -119,7 +122,7 @@ class DeepseekV4PreTrainedModel(DeepseekV4PretrainedIO, PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["DeepseekV4DecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_sdpa = False
     _supports_flash_attn = False
     _supports_flex_attn = False
@@ -233,7 +236,7 @@ class DeepseekV4Model(DeepseekV4PreTrainedModel):
         meta = BatchMeta(cache.seen, torch.ones_like(cache.seen), 1, self.rope_tables, static=True)
         hidden = embeds.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1)
         for i, layer in enumerate(self.layers):
-            hidden, _ = layer(hidden, meta=meta, input_ids=input_ids, past_key_values=cache.layers[i])
+            hidden, _ = layer(hidden, meta=meta, input_ids=input_ids, layer_cache=cache.layers[i])
         cache.seen.add_(torch.ones(b, dtype=cache.seen.dtype, device=cache.seen.device))
         return self.norm(self.hc_head(hidden))
 
@@ -246,17 +249,17 @@ class DeepseekV4Model(DeepseekV4PreTrainedModel):
         compile_kwargs.setdefault("fullgraph", True)
         self.__dict__["_compiled_decode_step"] = torch.compile(self._decode_step_eager, **compile_kwargs)
 
-    def _resolve_cache(self, past_key_values: Cache | None, use_cache: bool) -> DeepseekV4Cache | None:
-        if isinstance(past_key_values, DeepseekV4Cache):
-            return past_key_values
-        if past_key_values is not None and not (
-            isinstance(past_key_values, DynamicCache) and past_key_values.get_seq_length() == 0
-        ):
+    def _resolve_cache(self, cache: Cache | None, use_cache: bool) -> DeepseekV4Cache | None:
+        if isinstance(cache, DeepseekV4Cache):
+            return cache
+        if cache is not None and not (isinstance(cache, DynamicCache) and cache.get_seq_length() == 0):
             raise TypeError(
                 f"DeepSeek-V4 needs a DeepseekV4Cache (it stores compressor state), got "
-                f"{type(past_key_values).__name__}; pass None and the model creates one."
+                f"{type(cache).__name__}; pass None and the model creates one."
             )
-        if not use_cache or (self.gradient_checkpointing and self.training):
+        # Checkpointed training recomputes layers, which must not update a cache twice; without gradients there
+        # is no recompute (generating from a model left in training mode keeps its cache).
+        if not use_cache or (self.gradient_checkpointing and self.training and torch.is_grad_enabled()):
             return None
         return DeepseekV4Cache(self.config)
 
@@ -271,10 +274,13 @@ class DeepseekV4Model(DeepseekV4PreTrainedModel):
         output_hidden_states: bool | None = None,
         output_router_logits: bool | None = None,
         return_streams: bool = False,
+        cache: Cache | None = None,
         **kwargs,
     ) -> DeepseekV4ModelOutput:
         """Positions come from each row's real tokens (attention_mask) and the cache; `position_ids` is accepted
-        for API compatibility and ignored (it must equal `cumsum(attention_mask) - 1`, what `generate` passes)."""
+        for API compatibility and ignored (it must equal `cumsum(attention_mask) - 1`, what `generate` passes).
+        The cache comes as `cache=` (transformers >= 5.24) or `past_key_values=` (its older name); the output
+        carries it under both names (compat.py)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
         use_cache = self.config.use_cache if use_cache is None else use_cache
@@ -282,11 +288,11 @@ class DeepseekV4Model(DeepseekV4PreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         b, s = inputs_embeds.shape[:2]
-        cache = self._resolve_cache(past_key_values, use_cache)
+        cache = self._resolve_cache(pick_cache(cache, past_key_values), use_cache)
         if isinstance(cache, DeepseekV4StaticCache) and cache.ready and s == 1:
             hidden = self._decode_step(inputs_embeds, input_ids, cache)
             cache.processed += 1
-            return DeepseekV4ModelOutput(last_hidden_state=hidden, past_key_values=cache)
+            return DeepseekV4ModelOutput(last_hidden_state=hidden, **cache_kwargs(cache))
         valid = _valid_tokens(attention_mask, b, s)
         if valid is None:
             order = None
@@ -297,8 +303,6 @@ class DeepseekV4Model(DeepseekV4PreTrainedModel):
             inputs_embeds, input_ids = _rows_gather(inputs_embeds, order), _rows_gather(input_ids, order)
             lengths = valid.sum(dim=1)
         start = cache.start_positions(b, inputs_embeds.device) if cache is not None else torch.zeros_like(lengths)
-        if cache is not None:
-            cache.begin_call(s)
         meta = BatchMeta(start, lengths, s, self.rope_tables)
 
         hidden = inputs_embeds.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1)
@@ -307,11 +311,11 @@ class DeepseekV4Model(DeepseekV4PreTrainedModel):
             if output_hidden_states:
                 all_hidden.append(hidden)
             hidden, router = layer(
-                hidden, meta=meta, input_ids=input_ids, past_key_values=cache.layers[i] if cache else None
+                hidden, meta=meta, input_ids=input_ids, layer_cache=cache.layers[i] if cache else None
             )
             routers.append(None if layer.mlp.is_hash else router)
         if cache is not None:
-            cache.advance(lengths, s)
+            cache.advance(lengths, s, valid)
             if isinstance(cache, DeepseekV4StaticCache) and not cache.ready:
                 cache.freeze_shapes(self.config)
         streams = hidden
@@ -326,7 +330,7 @@ class DeepseekV4Model(DeepseekV4PreTrainedModel):
             router_logits = tuple(restore(r[0].view(b, s, -1)).reshape(b * s, -1) for r in routers if r is not None)
         return DeepseekV4ModelOutput(
             last_hidden_state=restore(hidden),
-            past_key_values=cache,
+            **cache_kwargs(cache),
             hidden_states=tuple(restore(h) for h in all_hidden) if output_hidden_states else None,
             router_logits=router_logits,
             last_streams=restore(streams) if return_streams else None,
@@ -358,6 +362,7 @@ class DeepseekV4ForCausalLM(DeepseekV4GenerationHooks, DeepseekV4PreTrainedModel
         output_router_logits: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         return_streams: bool | int = False,
+        cache: Cache | None = None,
         **kwargs,
     ) -> DeepseekV4CausalLMOutput:
         """Standard causal-LM forward. `labels` are shifted inside the loss; `num_items_in_batch` (from Trainer
@@ -371,7 +376,7 @@ class DeepseekV4ForCausalLM(DeepseekV4GenerationHooks, DeepseekV4PreTrainedModel
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=pick_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
@@ -401,7 +406,7 @@ class DeepseekV4ForCausalLM(DeepseekV4GenerationHooks, DeepseekV4PreTrainedModel
             loss=loss,
             aux_loss=aux_loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **cache_kwargs(outputs.cache),
             hidden_states=outputs.hidden_states,
             router_logits=outputs.router_logits,
             last_streams=streams,

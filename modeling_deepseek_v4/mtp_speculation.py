@@ -113,7 +113,8 @@ class DeepseekV4MTPCandidateGenerator(CandidateGenerator):
         self.do_sample = bool(generation_config.do_sample)
         self.logits_processor = logits_processor
         self.max_length = generation_config.max_length
-        self.cache = DeepseekV4Cache(num_layers=1)
+        # Drafts 2..k are speculative positions of the block's own cache, undone before the next step.
+        self.cache = DeepseekV4Cache(num_layers=1, rollback_tokens=self.num_drafts)
         self.prefilled = False
         self.pending = 0  # speculative MTP positions (drafts 2..k) to roll back before the next step
         self.last_drafted = 0
@@ -129,9 +130,8 @@ class DeepseekV4MTPCandidateGenerator(CandidateGenerator):
         s = ids.shape[1]
         lengths = torch.full((1,), s, dtype=torch.long, device=ids.device)
         meta = BatchMeta(self.cache.start_positions(1, ids.device), lengths, s, self.model.model.rope_tables)
-        self.cache.begin_call(s)
         embeds = self.model.model.embed_tokens(ids)
-        hidden, out_streams = self.block.predict(streams, embeds, meta, ids, past_key_values=self.cache.layers[0])
+        hidden, out_streams = self.block.predict(streams, embeds, meta, ids, layer_cache=self.cache.layers[0])
         self.cache.advance(lengths, s)
         head = self.model.lm_head
         return head(hidden[:, -1].to(head.weight.dtype)).float(), out_streams[:, -1:]
@@ -171,12 +171,10 @@ class DeepseekV4MTPCandidateGenerator(CandidateGenerator):
         n_new = streams.shape[1] if not self.prefilled else int(n_last_matches) + 1
         if not self.prefilled:
             # Positions before these lie outside the block's window: start its cache there.
-            first = input_ids.shape[1] - 1 - n_new
-            self.cache.advance(torch.tensor([first], device=input_ids.device), first)
+            self.cache.skip(input_ids.shape[1] - 1 - n_new, device=input_ids.device)
             self.prefilled = True
         streams = streams[:, :n_new].to(input_ids.device)
         logits, out_streams = self._run_block(streams, input_ids[:, -n_new:])
-        self.cache.crop(0)  # keep only the last call's record
 
         k = min(self.num_drafts, self.max_length - input_ids.shape[1] - 1)
         if k <= 0:

@@ -4,7 +4,9 @@
   are stored 4-bit too (bitsandbytes swaps only exact `nn.Linear`, hf-integration.md §9; `bnb_quant.py`).
 - `save_pretrained`: the custom-code folder is complete (hf-integration.md §5): `auto_map` for AutoConfig,
   AutoModel and AutoModelForCausalLM (transformers writes one model class per save) and a `requirements.txt`, both
-  written through a temporary file and renamed.
+  written through a temporary file and renamed;
+- `add_adapter` / `load_adapter`: transformers >= 5.24 needs PEFT >= 0.22 for them; the error then says what works
+  with the installed PEFT (`compat.peft_version_hint`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import os
 
 from .bnb_quant import apply_bnb_to_custom_weights, bnb_4bit_settings, with_dense_modules
+from .compat import TRANSFORMERS_REQUIREMENT, peft_version_hint
 
 
 class DeepseekV4PretrainedIO:
@@ -51,9 +54,21 @@ class DeepseekV4PretrainedIO:
             )
             _write_text_atomic(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
             _write_text_atomic(
-                os.path.join(save_directory, "requirements.txt"), "torch>=2.11\ntransformers>=5.23,<6\n"
+                os.path.join(save_directory, "requirements.txt"), f"torch>=2.11\n{TRANSFORMERS_REQUIREMENT}\n"
             )
         return result
+
+    def add_adapter(self, *args, **kwargs):
+        """transformers' `add_adapter`; with a PEFT too old for this transformers, the error names the PEFT calls
+        that work instead (`peft.get_peft_model`)."""
+        with peft_version_hint("add_adapter"):
+            return super().add_adapter(*args, **kwargs)
+
+    def load_adapter(self, *args, **kwargs):
+        """transformers' `load_adapter`; with a PEFT too old for this transformers, the error names the PEFT calls
+        that work instead (`peft.PeftModel.from_pretrained`)."""
+        with peft_version_hint("load_adapter"):
+            return super().load_adapter(*args, **kwargs)
 
 
 def _write_text_atomic(path: str, text: str) -> None:

@@ -19,6 +19,11 @@ from .cache import CompressorState, DeepseekV4Cache
 from .ops import compress_pool
 from .rope import BatchMeta
 
+_NO_ROLLBACK = (
+    "DeepseekV4StaticCache does not roll back; use the default DeepseekV4Cache for assisted, prompt-lookup or MTP "
+    "decoding."
+)
+
 
 class DeepseekV4StaticCache(DeepseekV4Cache):
     """Fixed-size DeepSeek-V4 cache for `max_cache_len` positions per row."""
@@ -29,7 +34,6 @@ class DeepseekV4StaticCache(DeepseekV4Cache):
         self.ready = False
         for layer in self.layers:
             layer.is_compileable = True
-            layer.is_croppable = False
 
     @property
     def is_compileable(self) -> bool:
@@ -39,16 +43,12 @@ class DeepseekV4StaticCache(DeepseekV4Cache):
     def is_croppable(self) -> bool:
         return False
 
-    def begin_call(self, seq_len: int) -> None:
-        # No rollback records: the static cache is not croppable.
-        for layer in self.layers:
-            layer.recording = False
+    def ensure_rollback(self, rollback_tokens: int) -> None:
+        if rollback_tokens > 0:
+            raise ValueError(_NO_ROLLBACK)
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise ValueError(
-            "DeepseekV4StaticCache does not roll back; use the default DeepseekV4Cache for assisted or "
-            "prompt-lookup decoding."
-        )
+        raise ValueError(_NO_ROLLBACK)
 
     def freeze_shapes(self, config) -> None:
         """After prefill: pad every compressor's entries to capacity so decode steps keep static shapes."""

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from modeling_deepseek_v4 import DeepseekV4Cache
+from modeling_deepseek_v4.compat import cache_of
 from tests.conftest import tiny_model
 
 KW = dict(pad_token_id=0, eos_token_id=None)
@@ -29,8 +30,8 @@ def test_generate_uses_plugin_cache():
     model = tiny_model()
     ids = torch.randint(2, 97, (1, 10))
     out = model.generate(ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True, **KW)
-    assert isinstance(out.past_key_values, DeepseekV4Cache)
-    assert out.past_key_values.get_seq_length() == 12
+    assert isinstance(cache_of(out), DeepseekV4Cache)
+    assert cache_of(out).get_seq_length() == 12
 
 
 def test_sampling_is_reproducible_and_valid():

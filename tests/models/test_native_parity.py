@@ -10,6 +10,7 @@ import torch
 import transformers
 from packaging import version
 
+from modeling_deepseek_v4.compat import cache_kwargs, cache_of
 from tests.conftest import record_indexer_margin, tiny_model
 
 NATIVE = getattr(transformers, "DeepseekV4ForCausalLM", None)
@@ -53,7 +54,7 @@ def test_logits_match_native_with_cache_decode(schedule):
         out = native(ids[:, :33], use_cache=True)
         steps = [out.logits]
         for t in range(33, 40):
-            out = native(ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+            out = native(ids[:, t : t + 1], use_cache=True, **cache_kwargs(cache_of(out)))
             steps.append(out.logits)
     torch.testing.assert_close(ours, torch.cat(steps, 1), atol=1e-4, rtol=0)
 

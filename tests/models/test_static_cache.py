@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from modeling_deepseek_v4.compat import cache_of
 from modeling_deepseek_v4.static_cache import DeepseekV4StaticCache
 from tests.conftest import tiny_model
 from tests.models.test_padding import padded_batch
@@ -16,8 +17,8 @@ def test_static_cache_greedy_equals_dynamic(schedule):
     dynamic = model.generate(ids, **KW)
     static = model.generate(ids, cache_implementation="static", return_dict_in_generate=True, **KW)
     assert static.sequences.tolist() == dynamic.tolist()
-    assert isinstance(static.past_key_values, DeepseekV4StaticCache)
-    state = static.past_key_values.layers[2].states["compressor"]
+    assert isinstance(cache_of(static), DeepseekV4StaticCache)
+    state = cache_of(static).layers[2].states["compressor"]
     assert state.entries.shape[1] == -(-48 // 4) + 1  # sized from max_length (30 + 18), never grown
 
 

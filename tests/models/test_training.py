@@ -46,7 +46,7 @@ def test_gradient_checkpointing_gives_same_gradients(schedule):
     plain = tiny_model(schedule).train()
     plain(ids, labels=labels).loss.backward()
     ckpt = tiny_model(schedule).train()
-    ckpt.gradient_checkpointing_enable()
+    ckpt.activation_checkpointing_enable()
     assert ckpt.model.gradient_checkpointing
     calls = []
     ckpt.model.layers[2].self_attn.register_forward_hook(lambda *args: calls.append(1))
@@ -101,3 +101,15 @@ def test_mtp_block_predicts_and_trains():
     assert model.model.mtp[0].self_attn.q_b_proj.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="MTP"):
         model.mtp_logits(ids, depth=1)
+
+
+def test_generate_from_a_checkpointed_model_in_training_mode_keeps_its_cache():
+    """Without gradients nothing is recomputed, so the cache stays on (as transformers >= 5.24 does)."""
+    model = tiny_model().train()
+    model.activation_checkpointing_enable()
+    ids = torch.randint(2, 97, (1, 40), generator=torch.Generator().manual_seed(9))
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        cached = model.generate(ids, **kwargs)
+        model.eval()
+        assert cached.tolist() == model.generate(ids, use_cache=False, **kwargs).tolist()
