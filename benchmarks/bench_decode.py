@@ -7,8 +7,9 @@ Command (about 10 minutes on a 2-vCPU VM):
 
 Each (mode, context) runs in a fresh subprocess (`--worker plugin 8192`): one prefill of the context with a cache
 (plugin: `DeepseekV4Cache`; native: `use_cache=True`), then `--warmup` (4) + `--steps` (32) greedy one-token steps
-`model(next_token, past_key_values=cache)`; the median step is reported. A native prefill out of memory (address
-space capped at 80% of MemAvailable) or longer than `--prefill-limit-s` is recorded as "OOM" / "skipped".
+`model(next_token, cache=cache)` (`past_key_values=` before transformers 5.24); the median step is reported. A
+native prefill out of memory (address space capped at 80% of MemAvailable) or longer than `--prefill-limit-s` is
+recorded as "OOM" / "skipped".
 Rows measured only when the package supports them at run time (else "not available in this version"):
 - MTP: `generate(ids, max_new_tokens=32, do_sample=False, use_mtp=True)`; a streamer timestamps each accepted block:
   ms/token = (last - first new token) / tokens after the first, so the prefill is left out (total / tokens and a
@@ -74,10 +75,12 @@ def train_mtp(model, ids, steps: int, tail: int = 160) -> None:
 
 
 def greedy_steps(step, logits, cache, n: int) -> list[float]:
+    from modeling_deepseek_v4.compat import cache_kwargs
+
     times, token = [], logits[:, -1:].argmax(-1)
     for _ in range(n):
         start = time.perf_counter()
-        logits = step(token, past_key_values=cache, use_cache=True).logits
+        logits = step(token, use_cache=True, **cache_kwargs(cache)).logits
         token = logits[:, -1:].argmax(-1)
         times.append(time.perf_counter() - start)
     return times
@@ -136,6 +139,7 @@ def worker(mode: str, context: int, args: argparse.Namespace) -> None:
     import torch
 
     import modeling_deepseek_v4 as plugin
+    from modeling_deepseek_v4.compat import cache_kwargs, cache_of
 
     torch.set_num_threads(args.threads)
     if mode == "native" and args.mem_limit_gib > 0:  # an allocator error instead of the system OOM killer
@@ -164,13 +168,13 @@ def worker(mode: str, context: int, args: argparse.Namespace) -> None:
                     cache = cls(model.config, max_cache_len=context + args.warmup + args.steps + 8)
                 signal.alarm(int(args.prefill_limit_s))
                 start = time.perf_counter()
-                out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                out = model(ids, use_cache=True, logits_to_keep=1, **cache_kwargs(cache))
                 result["prefill"] = time.perf_counter() - start
                 signal.alarm(0)
                 if mode == "compiled":
                     model.model.compile_decode()
                 step = model
-                cache = out.past_key_values
+                cache = cache_of(out)
                 times = greedy_steps(step, out.logits, cache, args.warmup + args.steps)
                 result["warmup"], result["times"] = times[: args.warmup], times[args.warmup :]
                 result["median"] = statistics.median(result["times"])

@@ -26,9 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     # Tiny ops stall with 2 threads on small CPUs; the demo model is tiny.
     torch.set_num_threads(1)
     if args.command == "demo":
-        from .demo import run_demo
+        from .demo import DemoFailure, run_demo
 
-        run_demo(args.output_dir, args.new_tokens, args.seed)
+        try:
+            run_demo(args.output_dir, args.new_tokens, args.seed)
+        except DemoFailure:
+            return 1
     elif args.command == "card":
         # model_cards builds on the modeling package; imported only here (pip-only CLI).
         from modeling_deepseek_v4.model_cards import write_model_card

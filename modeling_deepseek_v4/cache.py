@@ -303,8 +303,9 @@ class DeepseekV4Cache(Cache):
             self.real_positions = F.pad(self.real_positions, (grow, 0))
 
     def activate_past_recording(self, rollback_tokens: int | None = None) -> None:
-        """transformers' hook for caches that will be cropped (assistant models): keep a rollback history."""
-        self.ensure_rollback(rollback_tokens or max(self.rollback_tokens, DEFAULT_ROLLBACK_TOKENS))
+        """transformers' hook for caches that will be cropped (assisted decoding): keep a rollback history of
+        `rollback_tokens`, or, without a size, the one `generate` already gave this cache (else the default)."""
+        self.ensure_rollback(rollback_tokens or self.rollback_tokens or DEFAULT_ROLLBACK_TOKENS)
 
     @property
     def is_croppable(self) -> bool:

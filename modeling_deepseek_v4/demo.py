@@ -3,8 +3,9 @@
 Builds a random tiny model with every V4 component (sliding, CSA and HCA layers, hash and score-routed MoE, mHC,
 MTP), writes it in DeepSeek's official layout (FP8 128x128 weights + packed FP4 experts), converts that folder back
 with the converter (`dsv4-convert to-hf`), reloads it through `AutoModelForCausalLM.from_pretrained`, checks the
-reload equals the FP8/FP4 weights exactly, and generates for a left-padded batch, checking each row against the
-sequence generated alone.
+reload equals the FP8/FP4 weights exactly, and generates for a left-padded batch of long prompts, checking every row,
+each prompt alone and the static-cache, prompt-lookup and MTP modes against a full recompute (no cache, no
+`generate`). Any failed check prints the difference and raises `DemoFailure` (the CLI exits 1).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def _requantized_equal(model) -> bool:
 
 
 def run_demo(output_dir: str | None = None, new_tokens: int = 16, seed: int = 0) -> dict:
-    """Run the demo; returns a summary dict (also printed). Raises AssertionError if a check fails."""
+    """Run the demo; returns a summary dict (also printed). Raises `DemoFailure` if a check fails."""
     torch.manual_seed(seed)
     started = time.perf_counter()
     model = DeepseekV4ForCausalLM(tiny_demo_config()).eval()
@@ -90,32 +91,84 @@ def run_demo(output_dir: str | None = None, new_tokens: int = 16, seed: int = 0)
         gap = (quantized(probe).logits - loaded(probe).logits).abs().max().item()
     weights_in = sum(b.nbytes for b in quantized.buffers()) + sum(p.nbytes for p in quantized.parameters())
     print(f"quantized in memory (--dtype keep): {weights_in / 2**20:.2f} MiB of weights, max logit gap {gap:.1e}")
-    assert gap < 1e-4, "the quantized model does not compute what its dequantized weights compute"
+    quantized_ok = gap < 1e-4
+    if not quantized_ok:
+        print("  MISMATCH: the quantized model does not compute what its dequantized weights compute")
     # FP8 / FP4 keep at most 4 significant bits: the converted weights are the quantized ones, so compare with a
     # second export of the *loaded* model, which must reproduce them exactly.
     same = _requantized_equal(loaded)
-    assert same, "the converted weights are not exactly the FP8/FP4 checkpoint's values"
+    if not same:
+        print("  MISMATCH: the converted weights are not exactly the FP8/FP4 checkpoint's values")
 
+    generation = check_generation(loaded, new_tokens, seed)
+    summary = {
+        "parameters": n_params,
+        "official_round_trip_exact": same,
+        "quantized_equals_dequantized": quantized_ok,
+        **generation,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    failed = [name for name, ok in summary.items() if ok is False]
+    if failed:
+        print(f"demo FAILED: {', '.join(failed)}")
+        raise DemoFailure(failed)
+    print(f"demo OK: {summary}")
+    return summary
+
+
+class DemoFailure(Exception):
+    """A demo check did not hold (the printed lines above it show the difference)."""
+
+
+def _full_recompute(model, ids: torch.Tensor, steps: int) -> list[int]:
+    """Greedy tokens by re-running the whole sequence each step: no cache, no `generate` (the reference)."""
+    with torch.no_grad():
+        for _ in range(steps):
+            ids = torch.cat([ids, model(ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids[0, -steps:].tolist()
+
+
+def _report(name: str, got: list[int], want: list[int]) -> bool:
+    if got == want:
+        return True
+    first = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
+    print(f"  MISMATCH {name}: first difference at new token {first}\n    got      {got}\n    expected {want}")
+    return False
+
+
+def check_generation(model, new_tokens: int, seed: int) -> dict:
+    """Generate for a left-padded batch of long prompts and check, against full recomputes: cached greedy (each
+    row of the batch and alone), the static cache, prompt lookup and MTP speculation (which must equal greedy)."""
     g = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(2, 512, (n,), generator=g) for n in (40, 23)]
+    base = torch.randint(2, 512, (40,), generator=g)
+    # The first prompt repeats itself, so prompt lookup has candidates to propose (and reject).
+    prompts = [torch.cat([base, torch.randint(2, 512, (200,), generator=g), base]), torch.randint(2, 512, (131,))]
     width = max(len(p) for p in prompts)
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for row, prompt in enumerate(prompts):
         ids[row, width - len(prompt) :], mask[row, width - len(prompt) :] = prompt, 1
     kwargs = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None)
-    with torch.no_grad():
-        batched = loaded.generate(ids, attention_mask=mask, **kwargs)[:, width:]
-        for row, prompt in enumerate(prompts):
-            alone = loaded.generate(prompt[None], **kwargs)[0, len(prompt) :]
-            assert batched[row].tolist() == alone.tolist(), f"row {row}: batched generation differs from alone"
-            print(f"prompt {row} ({len(prompt)} tokens, left-padded to {width}): generated {batched[row].tolist()}")
-    summary = {
-        "parameters": n_params,
-        "official_round_trip_exact": same,
-        "left_padded_batch_equals_single": True,
-        "quantized_equals_dequantized": True,
-        "seconds": round(time.perf_counter() - started, 2),
+    expected = [_full_recompute(model, prompt[None], new_tokens) for prompt in prompts]
+    batched = model.generate(ids, attention_mask=mask, **kwargs)[:, width:]
+    batch_ok = single_ok = True
+    for row, prompt in enumerate(prompts):
+        print(f"prompt {row} ({len(prompt)} tokens, left-padded to {width}): generated {batched[row].tolist()}")
+        batch_ok &= _report(f"batch row {row}", batched[row].tolist(), expected[row])
+        alone = model.generate(prompt[None], **kwargs)[0, len(prompt) :].tolist()
+        single_ok &= _report(f"prompt {row} alone", alone, expected[row])
+    ok = {"left_padded_batch_equals_full_recompute": batch_ok, "single_equals_full_recompute": single_ok}
+    modes = {
+        "static_cache": dict(cache_implementation="static"),
+        "prompt_lookup": dict(prompt_lookup_num_tokens=4),
+        "mtp_speculation": dict(use_mtp=True),
     }
-    print(f"demo OK: {summary}")
-    return summary
+    for name, extra in modes.items():
+        try:
+            got = model.generate(prompts[0][None], **kwargs, **extra)[0, len(prompts[0]) :].tolist()
+        except Exception as exc:  # a mode that crashes is a failed check, reported like a mismatch
+            print(f"  MISMATCH {name}: raised {type(exc).__name__}: {exc}")
+            got = None
+        ok[f"{name}_equals_greedy"] = got is not None and _report(name, got, expected[0])
+    print(f"checked cached greedy, static cache, prompt lookup and MTP speculation against full recomputes: {ok}")
+    return ok

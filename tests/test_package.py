@@ -16,6 +16,18 @@ def test_demo_runs_and_checks_itself(tmp_path, capsys):
     assert (tmp_path / "official" / "config.json").exists() and (tmp_path / "converted" / "config.json").exists()
 
 
+def test_demo_fails_loudly_when_cached_decoding_is_wrong(tmp_path, capsys, monkeypatch):
+    """The failure transformers 5.24 caused before the cache-name seam: every step starts from an empty cache.
+    The demo must print the difference and exit non-zero, not "demo OK"."""
+    import modeling_deepseek_v4.modeling_deepseek_v4 as modeling
+
+    monkeypatch.setattr(modeling, "pick_cache", lambda cache=None, past_key_values=None: None)
+    assert main(["demo", "--output-dir", str(tmp_path), "--new-tokens", "6"]) == 1
+    out = capsys.readouterr().out
+    assert "demo OK" not in out and "demo FAILED" in out
+    assert "MISMATCH batch row 0: first difference at new token" in out
+
+
 def test_imports_and_runs_with_triton_bitsandbytes_and_peft_blocked():
     code = textwrap.dedent(
         """
