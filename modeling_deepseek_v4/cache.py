@@ -291,8 +291,14 @@ class DeepseekV4Cache(Cache):
         self.real_positions: torch.Tensor | None = None
         self.undoable = 0
 
-    def ensure_rollback(self, rollback_tokens: int) -> None:
-        """Make `crop` able to undo up to `rollback_tokens` positions processed from now on."""
+    def ensure_rollback(self, rollback_tokens: int, exact: bool = False) -> None:
+        """Make `crop` able to undo up to `rollback_tokens` positions processed from now on. With `exact`, a cache
+        that holds nothing yet gets exactly that horizon, also a smaller one (how `generate` sizes its cache)."""
+        if exact and self.seen is None:
+            self.rollback_tokens = rollback_tokens
+            for layer in self.layers:
+                layer.rollback_tokens = rollback_tokens
+            return
         grow = rollback_tokens - self.rollback_tokens
         if grow <= 0:
             return

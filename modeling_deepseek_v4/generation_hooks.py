@@ -1,8 +1,9 @@
 """`generate` hooks of `DeepseekV4ForCausalLM` (a mixin before `PreTrainedModel` / `GenerationMixin`).
 
 - the cache: a `DeepseekV4Cache`, or `DeepseekV4StaticCache` for `cache_implementation="static"`
-  (docs/hf-integration.md §6.1), under the cache name of the installed transformers (compat.py). Speculative modes
-  get a cache that can roll back as many positions as one verification can reject (`rollback_horizon`);
+  (docs/hf-integration.md §6.1), under the cache name of the installed transformers (compat.py). Assisted,
+  prompt-lookup and MTP decoding get a cache that can roll back as many positions as one verification can reject
+  (`rollback_horizon`), and an assistant's cache its round's drafts;
 - MTP self-speculative decoding: `generate(..., use_mtp=True)` drafts with the model's own MTP block
   (`mtp_speculation.py`);
 - inputs: the model always gets the 2-D attention mask (it does its own masking).
@@ -15,24 +16,23 @@ from transformers.generation import GenerationMode
 from .cache import DeepseekV4Cache
 from .compat import CACHE_FIELD, cache_of
 from .mtp_speculation import build_mtp_candidate_generator
-from .static_cache import DeepseekV4StaticCache
+from .static_cache import NO_ROLLBACK_MESSAGE, DeepseekV4StaticCache
 
 
-def rollback_horizon(generation_config, generation_mode) -> int:
-    """The most positions one verification step of this decoding mode can reject, i.e. what the cache must be able
-    to `crop` (0: no rollback, no history kept). An assistant's drafts per round are this call's `max_new_tokens`;
-    the heuristic draft schedule grows without bound other than the generation budget."""
-    budget = generation_config.max_new_tokens or generation_config.max_length or 0
-    if generation_config.is_assistant:
-        return budget
-    if generation_mode != GenerationMode.ASSISTED_GENERATION:
-        return 0
+def rollback_horizon(generation_config, prompt_length: int, assistant_model=None) -> int:
+    """The most positions one verification step of this assisted mode can reject, i.e. what the main model's cache
+    must be able to `crop`: the drafts per step, and never more than the new tokens (the prompt does not count). An
+    assistant model's heuristic schedule grows its drafts each round, so only the generation budget bounds it."""
+    budget = max((generation_config.max_length or 0) - prompt_length, 1)
     if generation_config.prompt_lookup_num_tokens is not None:
         return min(budget, generation_config.prompt_lookup_num_tokens)
     if generation_config.use_mtp:
         return min(budget, getattr(generation_config, "mtp_num_drafts", None) or 1)
-    if generation_config.num_assistant_tokens_schedule == "constant":
-        return min(budget, generation_config.num_assistant_tokens)
+    drafting = assistant_model.generation_config if assistant_model is not None else generation_config
+    # transformers' defaults for an assistant whose config leaves them unset.
+    schedule = drafting.num_assistant_tokens_schedule or "constant"
+    if schedule == "constant":
+        return min(budget, drafting.num_assistant_tokens or 20)
     return budget
 
 
@@ -42,18 +42,17 @@ class DeepseekV4GenerationHooks:
     def _prepare_cache_for_generation(
         self, generation_config, model_kwargs, generation_mode=None, batch_size=None, max_cache_length=None, *args
     ):
-        """Give `generate` a `DeepseekV4Cache` instead of a `DynamicCache` (docs/hf-integration.md §6.1), able to
-        roll back what the decoding mode may reject; a user's cache is made able to as well."""
-        rollback = rollback_horizon(generation_config, generation_mode)
+        """Give `generate` a `DeepseekV4Cache` instead of a `DynamicCache` (docs/hf-integration.md §6.1). As an
+        assistant, the cache can roll back this round's drafts (the main model rejects some); the main model's
+        cache is sized for its decoding mode in `_get_candidate_generator`, which knows the prompt."""
+        # An assistant round drafts at most `max_new_tokens`; its cache is reused and grown round after round.
+        rollback = (generation_config.max_new_tokens or 1) if generation_config.is_assistant else 0
         cache = cache_of(model_kwargs)
         if cache is None and generation_config.use_cache is not False:
             impl = generation_config.cache_implementation
             if impl == "static":
-                if rollback:
-                    raise ValueError(
-                        "cache_implementation='static' cannot roll back rejected draft tokens; drop it for "
-                        "assisted, prompt-lookup or MTP decoding (the default DeepseekV4Cache rolls back exactly)."
-                    )
+                if generation_mode == GenerationMode.ASSISTED_GENERATION or rollback:
+                    raise ValueError(NO_ROLLBACK_MESSAGE)
                 length = max(
                     max_cache_length or 0,
                     generation_config.max_length or 0,
@@ -74,14 +73,17 @@ class DeepseekV4GenerationHooks:
             generation_config, model_kwargs, generation_mode, batch_size, max_cache_length, *args
         )
 
-    # --- MTP self-speculative decoding hook: `generate(..., use_mtp=True)`; the logic is in mtp_speculation.py ---
-    def _get_candidate_generator(self, generation_config, *args, **kwargs):
-        """With `use_mtp=True` the model's own MTP block drafts (`DeepseekV4MTPCandidateGenerator`)."""
+    def _get_candidate_generator(self, generation_config, input_ids, *args, **kwargs):
+        """Size the cache for the assisted mode (`rollback_horizon`), then: with `use_mtp=True` the model's own MTP
+        block drafts (`DeepseekV4MTPCandidateGenerator`, mtp_speculation.py), else transformers' generators."""
+        model_kwargs = kwargs.get("model_kwargs", args[2] if len(args) > 2 else {})
+        cache = cache_of(model_kwargs)
+        if isinstance(cache, DeepseekV4Cache):
+            horizon = rollback_horizon(generation_config, input_ids.shape[-1], kwargs.get("assistant_model"))
+            cache.ensure_rollback(horizon, exact=True)
         if generation_config.use_mtp:
-            return build_mtp_candidate_generator(self, generation_config, *args, **kwargs)
-        return super()._get_candidate_generator(generation_config, *args, **kwargs)
-
-    # --- end of the MTP hook ---
+            return build_mtp_candidate_generator(self, generation_config, input_ids, *args, **kwargs)
+        return super()._get_candidate_generator(generation_config, input_ids, *args, **kwargs)
 
     def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
         """As transformers', but always hand the model the 2-D mask: it does its own masking, and `generate`

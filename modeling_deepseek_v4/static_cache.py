@@ -19,7 +19,7 @@ from .cache import CompressorState, DeepseekV4Cache
 from .ops import compress_pool
 from .rope import BatchMeta
 
-_NO_ROLLBACK = (
+NO_ROLLBACK_MESSAGE = (
     "DeepseekV4StaticCache does not roll back; use the default DeepseekV4Cache for assisted, prompt-lookup or MTP "
     "decoding."
 )
@@ -43,12 +43,12 @@ class DeepseekV4StaticCache(DeepseekV4Cache):
     def is_croppable(self) -> bool:
         return False
 
-    def ensure_rollback(self, rollback_tokens: int) -> None:
+    def ensure_rollback(self, rollback_tokens: int, exact: bool = False) -> None:
         if rollback_tokens > 0:
-            raise ValueError(_NO_ROLLBACK)
+            raise ValueError(NO_ROLLBACK_MESSAGE)
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise ValueError(_NO_ROLLBACK)
+        raise ValueError(NO_ROLLBACK_MESSAGE)
 
     def freeze_shapes(self, config) -> None:
         """After prefill: pad every compressor's entries to capacity so decode steps keep static shapes."""

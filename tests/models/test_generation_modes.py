@@ -88,6 +88,24 @@ def test_speculative_modes_equal_greedy(setup, mode, monkeypatch):
         assert any(n > 0 for n in removed), "no draft was rejected: the rollback path was not exercised"
 
 
+@pytest.mark.parametrize(
+    "mode,horizon",
+    [(dict(prompt_lookup_num_tokens=3), 3), (dict(use_mtp=True), 1), (dict(), 0), (dict(assistant_model=True), 9)],
+)
+def test_rollback_horizon_follows_the_mode_not_the_prompt(mode, horizon):
+    """The cache keeps what one verification can reject: the drafts per step, bounded by the new tokens (`max_length`
+    counts the 300-token prompt, which must not size the history)."""
+    model = tiny_model()
+    if mode.get("assistant_model"):
+        mode = dict(assistant_model=tiny_model(seed=5))  # heuristic schedule: bounded by the 9 new tokens only
+        mode["assistant_model"].generation_config.num_assistant_tokens_schedule = "heuristic"
+    ids = long_prompt(length=300)
+    out = model.generate(ids, max_length=309, do_sample=False, return_dict_in_generate=True, **mode, **KW)
+    cache = cache_of(out)
+    assert cache.rollback_tokens == horizon
+    assert cache.layers[0].window_kv.shape[1] == model.config.sliding_window - 1 + horizon
+
+
 def test_sampling_equals_a_manual_sampling_loop():
     """Temperature + top-k sampling draws what a loop over full recomputes draws with the same random stream."""
     model = tiny_model()
@@ -128,7 +146,7 @@ def test_static_cache_and_compiled_decode_equal_greedy(setup):
 
 def test_static_cache_refuses_speculative_modes_clearly():
     model = tiny_model()
-    with pytest.raises(ValueError, match="cannot roll back"):
+    with pytest.raises(ValueError, match="does not roll back"):
         model.generate(long_prompt(length=40), max_new_tokens=4, cache_implementation="static", use_mtp=True, **KW)
 
 
