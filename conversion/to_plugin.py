@@ -1,12 +1,13 @@
 """Official DeepSeek-V4 checkpoint (FP8 + FP4 experts) -> this plugin's Hugging Face folder.
 
-Streams the source shard by shard (tensors are memory-mapped and loaded one at a time); an output tensor is built
-as soon as all of its pieces were read (a weight and its `.scale`, or all experts of a layer) and written into its
-planned output shard, so peak memory is about one output shard plus pieces that straddle source shards.
-Everything is validated from the headers before anything is written. Output dtypes: `bf16` (exact: FP8/FP4 with
-power-of-two scales need <= 4 significant bits, official-format.md §9 corollary), `fp32`, or `keep` (FP8 / packed
-FP4 data with `*_scale_inv` E8M0 scales, for the quantized modules). In `bf16` / `fp32` mode the official scales
-are kept in `official_scales*.safetensors` so that exporting an unchanged model back is bit-identical.
+Streams the source shard by shard (tensors are read one at a time with plain reads, never memory-mapped); an
+output tensor is built as soon as all of its pieces were read (a weight and its `.scale`, or all experts of a
+layer) and written into its planned output shard, so peak memory is about one output shard plus pieces that
+straddle source shards. Everything is validated from the headers before anything is written. Output dtypes:
+`bf16` (exact: FP8/FP4 with power-of-two scales need <= 4 significant bits, official-format.md §9 corollary),
+`fp32`, or `keep` (FP8 / packed FP4 data with `*_scale_inv` E8M0 scales, for the quantized modules). In `bf16` /
+`fp32` mode the official scales are kept in `official_scales*.safetensors` so that exporting an unchanged model
+back is bit-identical.
 """
 
 from __future__ import annotations
