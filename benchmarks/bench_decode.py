@@ -1,4 +1,4 @@
-"""CPU decode benchmark: ms/token of the plugin `modeling_deepseek_v4.DeepseekV4ForCausalLM` vs native
+"""CPU decode benchmark: ms/token of the plugin `modeling_deepseek_v4.DeepseekV4ExtForCausalLM` vs native
 `transformers.DeepseekV4ForCausalLM`, same weights, tiny config of `bench_prefill.py`, fp32 (performance.md §0).
 
 Command (about 10 minutes on a 2-vCPU VM):

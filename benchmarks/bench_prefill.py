@@ -1,4 +1,4 @@
-"""CPU prefill benchmark: plugin `modeling_deepseek_v4.DeepseekV4ForCausalLM` vs native
+"""CPU prefill benchmark: plugin `modeling_deepseek_v4.DeepseekV4ExtForCausalLM` vs native
 `transformers.DeepseekV4ForCausalLM`, same weights, tiny config, fp32 (performance.md §0, §1.1).
 
 Command (about 10 minutes on a 2-vCPU VM):
@@ -73,8 +73,8 @@ def build_model(impl: str):
     import modeling_deepseek_v4 as plugin
 
     torch.manual_seed(0)
-    config = plugin.DeepseekV4Config(**TINY)
-    model = plugin.DeepseekV4ForCausalLM(config).eval()
+    config = plugin.DeepseekV4ExtConfig(**TINY)
+    model = plugin.DeepseekV4ExtForCausalLM(config).eval()
     if impl == "native":
         state = {k: v for k, v in model.state_dict().items() if ".mtp." not in k}
         native = transformers.DeepseekV4ForCausalLM(transformers.DeepseekV4Config.from_dict(config.to_dict()))

@@ -90,14 +90,14 @@ def build(mode: str, config_kwargs: dict, folder: Path):
     import torch
     from transformers import BitsAndBytesConfig
 
-    from modeling_deepseek_v4 import DeepseekV4Config, DeepseekV4ForCausalLM
+    from modeling_deepseek_v4 import DeepseekV4ExtConfig, DeepseekV4ExtForCausalLM
     from modeling_deepseek_v4.quantization import quantize_model
 
     if mode.startswith("nf4"):
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-        return DeepseekV4ForCausalLM.from_pretrained(folder, quantization_config=quant, dtype=torch.bfloat16).eval()
+        return DeepseekV4ExtForCausalLM.from_pretrained(folder, quantization_config=quant, dtype=torch.bfloat16).eval()
     torch.manual_seed(0)
-    model = DeepseekV4ForCausalLM(DeepseekV4Config(**config_kwargs)).to(torch.bfloat16).eval()
+    model = DeepseekV4ExtForCausalLM(DeepseekV4ExtConfig(**config_kwargs)).to(torch.bfloat16).eval()
     if mode == "fp8 + fp4 experts":
         quantize_model(model, weights="fp8", experts="fp4")
     elif mode == "fp8 + fp8 experts":

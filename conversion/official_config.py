@@ -1,6 +1,6 @@
-"""Config translation between the official DeepSeek-V4 files and the plugin's `DeepseekV4Config`.
+"""Config translation between the official DeepSeek-V4 files and the plugin's `DeepseekV4ExtConfig`.
 
-Official root `config.json` (HF-style names, official-format.md §3) is read directly by `DeepseekV4Config`; the
+Official root `config.json` (HF-style names, official-format.md §3) is read directly by `DeepseekV4ExtConfig`; the
 reference `inference/config.json` (`ModelArgs` names, §4) is mapped here when the root file is missing. Export
 writes the official root spelling including the legacy keys serving engines need (§5, "Interop").
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from modeling_deepseek_v4 import DeepseekV4Config
+from modeling_deepseek_v4 import DeepseekV4ExtConfig
 
 from .checkpoint import ConversionError
 
@@ -96,16 +96,16 @@ def read_official_config(folder: Path) -> dict:
     return raw if path == root else _from_model_args(raw)
 
 
-def plugin_config_from_official(raw: dict, dtype: str) -> DeepseekV4Config:
+def plugin_config_from_official(raw: dict, dtype: str) -> DeepseekV4ExtConfig:
     """Build and validate the plugin config; raises `ConversionError` naming the bad field."""
     kwargs = {k: v for k, v in raw.items() if k not in _DROP}
     kwargs.pop("model_type", None)
     quantization = kwargs.pop("quantization_config", None)
     try:
-        config = DeepseekV4Config(**kwargs)
+        config = DeepseekV4ExtConfig(**kwargs)
     except (ValueError, TypeError) as exc:
         raise ConversionError(f"config.json: {exc}") from None
-    config.architectures = ["DeepseekV4ForCausalLM"]
+    config.architectures = ["DeepseekV4ExtForCausalLM"]
     # `quantization_config` is dropped: transformers would hand it to its own FP8 quantizer. In keep mode the
     # converter records the layout it found in the tensors as `dsv4_quantization` instead.
     del quantization
@@ -113,7 +113,7 @@ def plugin_config_from_official(raw: dict, dtype: str) -> DeepseekV4Config:
     return config
 
 
-def official_config_from_plugin(config: DeepseekV4Config, expert_dtype: str) -> dict:
+def official_config_from_plugin(config: DeepseekV4ExtConfig, expert_dtype: str) -> dict:
     """Root `config.json` in the official spelling (legacy keys included) for an exported checkpoint."""
     rope = dict(config.rope_parameters["compress"])
     rope_scaling = None

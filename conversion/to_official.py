@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from modeling_deepseek_v4 import DeepseekV4Config
+from modeling_deepseek_v4 import DeepseekV4ExtConfig
 from modeling_deepseek_v4.quant_formats import (
     FP4_GROUP,
     FP8_BLOCK,
@@ -149,7 +149,7 @@ def convert_plugin_to_official(
         raise ConversionError(f"--expert-dtype {expert_dtype!r} is not supported; use fp4 or fp8.")
     src, dst = Path(src), Path(dst)
     try:
-        config = DeepseekV4Config.from_pretrained(src)
+        config = DeepseekV4ExtConfig.from_pretrained(src)
     except (OSError, ValueError) as exc:
         raise ConversionError(f"{src}: cannot read the plugin config.json ({exc}).") from None
     source = SourceCheckpoint(src)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from modeling_deepseek_v4 import DeepseekV4ForCausalLM, __version__
+from modeling_deepseek_v4 import DeepseekV4ExtForCausalLM, __version__
 from modeling_deepseek_v4.quant_formats import dequantize_fp4, dequantize_fp8_blocks
 
 from .checkpoint import (
@@ -74,7 +74,7 @@ class Report:
 
 def _expected_state(config) -> dict[str, torch.Size]:
     with torch.device("meta"):
-        model = DeepseekV4ForCausalLM(config)
+        model = DeepseekV4ExtForCausalLM(config)
     return {k: v.shape for k, v in model.state_dict().items()}
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from modeling_deepseek_v4 import DeepseekV4Config
+from modeling_deepseek_v4 import DeepseekV4ExtConfig
 
 from .checkpoint import ConversionError, SourceCheckpoint
 from .official_config import read_official_config
@@ -19,7 +19,7 @@ def verify_folder(folder: str | Path, source: str | Path | None = None, samples:
     """Raise `ConversionError` naming the first problem; return a summary dict when the folder is sound."""
     folder = Path(folder)
     try:
-        config = DeepseekV4Config.from_pretrained(folder)
+        config = DeepseekV4ExtConfig.from_pretrained(folder)
     except (OSError, ValueError) as exc:
         raise ConversionError(f"{folder}: unreadable config.json ({exc}).") from None
     out = SourceCheckpoint(folder)

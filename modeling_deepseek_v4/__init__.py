@@ -9,27 +9,27 @@ the pip package and a Hub copy of these files can both be imported in one proces
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .cache import DeepseekV4Cache
-from .configuration_deepseek_v4 import DeepseekV4Config
-from .modeling_deepseek_v4 import DeepseekV4ForCausalLM, DeepseekV4Model, DeepseekV4PreTrainedModel
+from .configuration_deepseek_v4 import DeepseekV4ExtConfig
+from .modeling_deepseek_v4 import DeepseekV4ExtForCausalLM, DeepseekV4ExtModel, DeepseekV4ExtPreTrainedModel
 from .ops import use_backend
 
 __version__ = "0.1.0"
 
-AutoConfig.register(DeepseekV4Config.model_type, DeepseekV4Config, exist_ok=True)
-# exist_ok: the class *name* DeepseekV4Config is also native's; the mapping key is our own class object.
-AutoModel.register(DeepseekV4Config, DeepseekV4Model, exist_ok=True)
-AutoModelForCausalLM.register(DeepseekV4Config, DeepseekV4ForCausalLM, exist_ok=True)
+AutoConfig.register(DeepseekV4ExtConfig.model_type, DeepseekV4ExtConfig, exist_ok=True)
+# exist_ok: the pip package and a Hub copy of these files may both register (idempotent, hf-integration.md §2).
+AutoModel.register(DeepseekV4ExtConfig, DeepseekV4ExtModel, exist_ok=True)
+AutoModelForCausalLM.register(DeepseekV4ExtConfig, DeepseekV4ExtForCausalLM, exist_ok=True)
 # `save_pretrained` / `push_to_hub` then write `auto_map` and copy the flat modeling files, so a saved folder loads
 # with `trust_remote_code=True` where this package is not installed (hf-integration.md §5).
-DeepseekV4Config.register_for_auto_class()
-DeepseekV4Model.register_for_auto_class("AutoModel")
-DeepseekV4ForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+DeepseekV4ExtConfig.register_for_auto_class()
+DeepseekV4ExtModel.register_for_auto_class("AutoModel")
+DeepseekV4ExtForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = [
     "DeepseekV4Cache",
-    "DeepseekV4Config",
-    "DeepseekV4ForCausalLM",
-    "DeepseekV4Model",
-    "DeepseekV4PreTrainedModel",
+    "DeepseekV4ExtConfig",
+    "DeepseekV4ExtForCausalLM",
+    "DeepseekV4ExtModel",
+    "DeepseekV4ExtPreTrainedModel",
     "use_backend",
 ]

@@ -3,7 +3,7 @@
 `from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True))` runs transformers'
 `replace_with_bnb_linear`, which swaps only modules whose type *is exactly* `nn.Linear` (hf-integration.md §9): the
 routed experts (3-D `mlp.experts.gate_up_proj [E, 2I, d]` / `down_proj [E, d, I]`, most of the bytes) and the grouped
-`o_a_proj` (deliberately not an `nn.Linear`) would stay dense. `DeepseekV4PreTrainedModel.from_pretrained` calls
+`o_a_proj` (deliberately not an `nn.Linear`) would stay dense. `DeepseekV4ExtPreTrainedModel.from_pretrained` calls
 `apply_bnb_to_custom_weights` after loading, which swaps in:
 - `DeepseekV4Bnb4bitExperts`: each expert quantized on its own by `bitsandbytes.functional.quantize_4bit` (blocks of
   64, one fp32 absmax each, zero padded per expert). The ops get `Bnb4bitWeight` views with the dense `.shape` whose

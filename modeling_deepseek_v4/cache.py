@@ -268,7 +268,7 @@ DEFAULT_ROLLBACK_TOKENS = 128
 
 
 class DeepseekV4Cache(Cache):
-    """Cache for `DeepseekV4Model`: one `DeepseekV4LayerCache` per decoder layer plus per-row token counts.
+    """Cache for `DeepseekV4ExtModel`: one `DeepseekV4LayerCache` per decoder layer plus per-row token counts.
 
     rollback_tokens: how many of the latest positions `crop` can undo (0: none, no history kept). `generate` sets
     it for assisted, prompt-lookup and MTP decoding; `ensure_rollback` / `activate_past_recording` raise it later

@@ -68,7 +68,7 @@ def official_compress_ratios(
 
 
 def _fail(field: str, value: Any, expected: str) -> None:
-    raise ValueError(f"DeepseekV4Config: invalid `{field}`={value!r}; {expected}.")
+    raise ValueError(f"DeepseekV4ExtConfig: invalid `{field}`={value!r}; {expected}.")
 
 
 def _check_compress_rates(rates: Any) -> None:
@@ -86,7 +86,7 @@ def _check_foreign_input(kwargs: dict[str, Any]) -> None:
     model_type = kwargs.get("model_type")
     if model_type == "deepseek_v41" or "text_config" in kwargs or "vision_config" in kwargs:
         raise ValueError(
-            f"DeepseekV4Config: `model_type`={model_type!r} with `text_config` / `vision_config` is DeepSeek-V4.1, "
+            f"DeepseekV4ExtConfig: `model_type`={model_type!r} with `text_config` / `vision_config` is DeepSeek-V4.1, "
             "a different architecture (Engram memory, cross-layer KV sharing, vision tower); it is out of scope for "
             "this package. Use a DeepSeek-V4 (Flash / Pro) checkpoint."
         )
@@ -95,13 +95,13 @@ def _check_foreign_input(kwargs: dict[str, Any]) -> None:
     found = [key for key in _MODEL_ARGS_KEYS if key in kwargs]
     if found:
         raise ValueError(
-            f"DeepseekV4Config: got reference `ModelArgs` keys {found}: this is `inference/config.json`. Load the "
+            f"DeepseekV4ExtConfig: got reference `ModelArgs` keys {found}: this is `inference/config.json`. Load the "
             "root `config.json` of the checkpoint instead (HF-style names, official-format.md §3)."
         )
 
 
 @strict
-class DeepseekV4Config(PreTrainedConfig):
+class DeepseekV4ExtConfig(PreTrainedConfig):
     r"""Configuration of a DeepSeek-V4 causal LM (`model_type="deepseek_v4_ext"`); defaults are V4-Flash.
 
     Sizes: `vocab_size`, `hidden_size`, `moe_intermediate_size` (alias `intermediate_size`), `num_hidden_layers`,
@@ -433,4 +433,4 @@ def _rename_type(params: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
-__all__ = ["DeepseekV4Config", "official_compress_ratios"]
+__all__ = ["DeepseekV4ExtConfig", "official_compress_ratios"]

@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from .configuration_deepseek_v4 import DeepseekV4Config
-from .modeling_deepseek_v4 import DeepseekV4ForCausalLM
+from .configuration_deepseek_v4 import DeepseekV4ExtConfig
+from .modeling_deepseek_v4 import DeepseekV4ExtForCausalLM
 
 
-def tiny_demo_config() -> DeepseekV4Config:
+def tiny_demo_config() -> DeepseekV4ExtConfig:
     """A ~2.4M-parameter V4 with the official layer pattern at toy scale (HCA rate 16 instead of 128)."""
-    return DeepseekV4Config(
+    return DeepseekV4ExtConfig(
         vocab_size=512,
         hidden_size=128,
         moe_intermediate_size=64,
@@ -62,7 +62,7 @@ def run_demo(output_dir: str | None = None, new_tokens: int = 16, seed: int = 0)
     """Run the demo; returns a summary dict (also printed). Raises `DemoFailure` if a check fails."""
     torch.manual_seed(seed)
     started = time.perf_counter()
-    model = DeepseekV4ForCausalLM(tiny_demo_config()).eval()
+    model = DeepseekV4ExtForCausalLM(tiny_demo_config()).eval()
     n_params = sum(p.numel() for p in model.parameters())
     print(f"built tiny DeepSeek-V4: {n_params / 1e6:.2f}M parameters, layers {model.config.layer_types}")
 

@@ -1,4 +1,4 @@
-"""`generate` hooks of `DeepseekV4ForCausalLM` (a mixin before `PreTrainedModel` / `GenerationMixin`).
+"""`generate` hooks of `DeepseekV4ExtForCausalLM` (a mixin before `PreTrainedModel` / `GenerationMixin`).
 
 - the cache: a `DeepseekV4Cache`, or `DeepseekV4StaticCache` for `cache_implementation="static"`
   (docs/hf-integration.md §6.1), under the cache name of the installed transformers (compat.py). Assisted,
@@ -37,7 +37,7 @@ def rollback_horizon(generation_config, prompt_length: int, assistant_model=None
 
 
 class DeepseekV4GenerationHooks:
-    """Overrides of `GenerationMixin` internals; `self.config` is a `DeepseekV4Config`."""
+    """Overrides of `GenerationMixin` internals; `self.config` is a `DeepseekV4ExtConfig`."""
 
     def _prepare_cache_for_generation(
         self, generation_config, model_kwargs, generation_mode=None, batch_size=None, max_cache_length=None, *args

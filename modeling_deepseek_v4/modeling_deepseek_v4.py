@@ -28,7 +28,7 @@ from .attention import DeepseekV4Attention, DeepseekV4GroupedLinear
 from .cache import DeepseekV4Cache, DeepseekV4LayerCache
 from .compat import cache_kwargs, pick_cache, with_cache_aliases
 from .compressor import DeepseekV4HCACompressor
-from .configuration_deepseek_v4 import DeepseekV4Config
+from .configuration_deepseek_v4 import DeepseekV4ExtConfig
 from .generation_hooks import DeepseekV4GenerationHooks
 from .hyper_connection import DeepseekV4HyperConnection, DeepseekV4HyperHead, DeepseekV4RMSNorm
 from .losses import router_balance_loss
@@ -43,7 +43,7 @@ from .static_cache import DeepseekV4StaticCache
 class DeepseekV4DecoderLayer(GradientCheckpointingLayer):
     """Attention and MoE sub-layers, each wrapped in its own mHC (`attn_hc`, `ffn_hc`). Streams `[B, S, n, d]`."""
 
-    def __init__(self, config: DeepseekV4Config, layer_idx: int):
+    def __init__(self, config: DeepseekV4ExtConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
         self.self_attn = DeepseekV4Attention(config, layer_idx)
@@ -75,7 +75,7 @@ class DeepseekV4MTPLayer(DeepseekV4DecoderLayer):
     score-routed) fed `e_proj(enorm(embed(next ids))) + h_proj(hnorm(main streams))`, with its own `hc_head` and
     `norm`; embedding and LM head are shared with the main model."""
 
-    def __init__(self, config: DeepseekV4Config, layer_idx: int):
+    def __init__(self, config: DeepseekV4ExtConfig, layer_idx: int):
         super().__init__(config, layer_idx)
         d = config.hidden_size
         self.enorm = DeepseekV4RMSNorm(d, eps=config.rms_norm_eps)
@@ -116,9 +116,9 @@ class DeepseekV4CausalLMOutput(MoeCausalLMOutputWithPast):
     last_streams: torch.Tensor | None = None
 
 
-class DeepseekV4PreTrainedModel(DeepseekV4PretrainedIO, PreTrainedModel):
-    config: DeepseekV4Config
-    config_class = DeepseekV4Config
+class DeepseekV4ExtPreTrainedModel(DeepseekV4PretrainedIO, PreTrainedModel):
+    config: DeepseekV4ExtConfig
+    config_class = DeepseekV4ExtConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["DeepseekV4DecoderLayer"]
@@ -209,10 +209,10 @@ def _rows_gather(x: torch.Tensor | None, order: torch.Tensor) -> torch.Tensor | 
     return torch.gather(x, 1, index)
 
 
-class DeepseekV4Model(DeepseekV4PreTrainedModel):
+class DeepseekV4ExtModel(DeepseekV4ExtPreTrainedModel):
     """Embeddings -> n_hc streams -> decoder layers -> `hc_head` -> `norm`. Holds the MTP blocks as `mtp.*`."""
 
-    def __init__(self, config: DeepseekV4Config):
+    def __init__(self, config: DeepseekV4ExtConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList(DeepseekV4DecoderLayer(config, i) for i in range(config.num_hidden_layers))
@@ -337,14 +337,14 @@ class DeepseekV4Model(DeepseekV4PreTrainedModel):
         )
 
 
-class DeepseekV4ForCausalLM(DeepseekV4GenerationHooks, DeepseekV4PreTrainedModel, GenerationMixin):
-    """Causal LM head on `DeepseekV4Model`; fp32 logits, `num_items_in_batch`-aware loss, optional aux loss."""
+class DeepseekV4ExtForCausalLM(DeepseekV4GenerationHooks, DeepseekV4ExtPreTrainedModel, GenerationMixin):
+    """Causal LM head on `DeepseekV4ExtModel`; fp32 logits, `num_items_in_batch`-aware loss, optional aux loss."""
 
     _tied_weights_keys = {}
 
-    def __init__(self, config: DeepseekV4Config):
+    def __init__(self, config: DeepseekV4ExtConfig):
         super().__init__(config)
-        self.model = DeepseekV4Model(config)
+        self.model = DeepseekV4ExtModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
@@ -432,4 +432,4 @@ class DeepseekV4ForCausalLM(DeepseekV4GenerationHooks, DeepseekV4PreTrainedModel
         return self.lm_head(hidden.to(self.lm_head.weight.dtype)).float()
 
 
-__all__ = ["DeepseekV4PreTrainedModel", "DeepseekV4Model", "DeepseekV4ForCausalLM", "DeepseekV4Cache"]
+__all__ = ["DeepseekV4ExtPreTrainedModel", "DeepseekV4ExtModel", "DeepseekV4ExtForCausalLM", "DeepseekV4Cache"]

@@ -9,7 +9,7 @@ inputs only (transformers' assisted loop is single-sequence); other cases raise 
 
 transformers' own `MTPCandidateGenerator` does not fit: it rebuilds MTP layers from the main model's last decoder
 layer and a `DynamicCache`, while DeepSeek-V4's block needs mHC streams and its own `hc_head` (forward-math.md §7;
-tech report §2, MTP as in DeepSeek-V3). `DeepseekV4ForCausalLM._get_candidate_generator` returns
+tech report §2, MTP as in DeepSeek-V3). `DeepseekV4ExtForCausalLM._get_candidate_generator` returns
 `DeepseekV4MTPCandidateGenerator` instead; the verification forward returns the main model's final streams
 (`forward(return_streams=n)`, before `hc_head`) through `model_kwargs_overrides`.
 
@@ -68,7 +68,7 @@ def build_mtp_candidate_generator(
     target_tokenizer=None,
     assistant_tokenizer=None,
 ) -> DeepseekV4MTPCandidateGenerator:
-    """What `DeepseekV4ForCausalLM._get_candidate_generator` calls when `generation_config.use_mtp` is set.
+    """What `DeepseekV4ExtForCausalLM._get_candidate_generator` calls when `generation_config.use_mtp` is set.
 
     Drafts per step: the generation config's custom entry `mtp_num_drafts` (default 1, the depth the block was
     trained for), set with `model.generation_config.mtp_num_drafts = k` or

@@ -47,9 +47,9 @@ class DeepseekV4PretrainedIO:
                 config = json.load(f)
             config.setdefault("auto_map", {}).update(
                 {
-                    "AutoConfig": "configuration_deepseek_v4.DeepseekV4Config",
-                    "AutoModel": "modeling_deepseek_v4.DeepseekV4Model",
-                    "AutoModelForCausalLM": "modeling_deepseek_v4.DeepseekV4ForCausalLM",
+                    "AutoConfig": "configuration_deepseek_v4.DeepseekV4ExtConfig",
+                    "AutoModel": "modeling_deepseek_v4.DeepseekV4ExtModel",
+                    "AutoModelForCausalLM": "modeling_deepseek_v4.DeepseekV4ExtForCausalLM",
                 }
             )
             _write_text_atomic(path, json.dumps(config, indent=2, sort_keys=True) + "\n")

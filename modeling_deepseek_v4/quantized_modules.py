@@ -9,7 +9,7 @@ the `quantized_linear` / `grouped_experts` op, so a fused kernel can replace the
 file. Dequantization is exact (<= 4 significant bits times a power of two), so a quantized model computes what the
 same model with its weights dequantized computes, up to summation order.
 
-`config.dsv4_quantization` (a `QuantizationLayout` dict) tells `DeepseekV4Model.__init__` which modules to build
+`config.dsv4_quantization` (a `QuantizationLayout` dict) tells `DeepseekV4ExtModel.__init__` which modules to build
 quantized, so `from_pretrained` of a converted `--dtype keep` folder, or of a saved quantized model, needs nothing
 else. Quantized buffers ignore dtype casts (`model.to(torch.bfloat16)`, `.half()`): only device moves apply.
 """
@@ -283,7 +283,7 @@ def empty_fp8_like(old: nn.Module, scale_dtype: torch.dtype, backend: str = "aut
 
 
 def build_quantized_modules(model: nn.Module, config) -> None:
-    """Swap in empty quantized modules for `config.dsv4_quantization` (called by `DeepseekV4Model.__init__`)."""
+    """Swap in empty quantized modules for `config.dsv4_quantization` (called by `DeepseekV4ExtModel.__init__`)."""
     layout = QuantizationLayout.from_config(config)
     if layout is None:
         return

@@ -30,7 +30,7 @@ QUANTIZED_TYPES = (DeepseekV4Fp8Linear, DeepseekV4Fp8GroupedLinear, DeepseekV4Qu
 def _config_of(model: nn.Module):
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "n_routed_experts"):
-        raise TypeError(f"expected a DeepSeek-V4 model (with a DeepseekV4Config), got {type(model).__name__}")
+        raise TypeError(f"expected a DeepSeek-V4 model (with a DeepseekV4ExtConfig), got {type(model).__name__}")
     return config
 
 

@@ -12,7 +12,7 @@ import contextlib
 import pytest
 import torch
 
-from modeling_deepseek_v4 import DeepseekV4Config, DeepseekV4ForCausalLM, ops
+from modeling_deepseek_v4 import DeepseekV4ExtConfig, DeepseekV4ExtForCausalLM, ops
 from modeling_deepseek_v4.ops_reference import indexer_topk as reference_indexer_topk
 
 # Tiny ops stall with 2 threads on a 2-core box (performance.md §0).
@@ -26,7 +26,7 @@ SCHEDULES = {
 }
 
 
-def tiny_config(schedule: str = "flash", **overrides) -> DeepseekV4Config:
+def tiny_config(schedule: str = "flash", **overrides) -> DeepseekV4ExtConfig:
     ratios = SCHEDULES[schedule]
     kwargs = dict(
         vocab_size=97,
@@ -52,13 +52,13 @@ def tiny_config(schedule: str = "flash", **overrides) -> DeepseekV4Config:
         indexer_chunk_size=16,
     )
     kwargs.update(overrides)
-    return DeepseekV4Config(**kwargs)
+    return DeepseekV4ExtConfig(**kwargs)
 
 
-def tiny_model(schedule: str = "flash", seed: int = 0, **overrides) -> DeepseekV4ForCausalLM:
+def tiny_model(schedule: str = "flash", seed: int = 0, **overrides) -> DeepseekV4ExtForCausalLM:
     """A random tiny model whose zero-initialized parameters (sinks, biases, ape) are randomized too."""
     torch.manual_seed(seed)
-    model = DeepseekV4ForCausalLM(tiny_config(schedule, **overrides)).eval()
+    model = DeepseekV4ExtForCausalLM(tiny_config(schedule, **overrides)).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith(("position_bias", "sinks", ".base", "hc_base")):

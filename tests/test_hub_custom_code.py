@@ -25,8 +25,8 @@ CHILD = textwrap.dedent(
     repo = "dsv4-tests/tiny-v4"
     model = AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True).eval()
     assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-    assert type(AutoConfig.from_pretrained(repo, trust_remote_code=True)).__name__ == "DeepseekV4Config"
-    assert type(AutoModel.from_pretrained(repo, trust_remote_code=True)).__name__ == "DeepseekV4Model"
+    assert type(AutoConfig.from_pretrained(repo, trust_remote_code=True)).__name__ == "DeepseekV4ExtConfig"
+    assert type(AutoModel.from_pretrained(repo, trust_remote_code=True)).__name__ == "DeepseekV4ExtModel"
     if len(sys.argv) > 3:  # quantized folder: the quantized modules come from the Hub copy too
         experts = type(model.model.layers[0].mlp.experts)
         assert experts.__name__ == sys.argv[3] and experts.__module__.startswith("transformers_modules"), experts

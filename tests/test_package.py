@@ -35,9 +35,9 @@ def test_imports_and_runs_with_triton_bitsandbytes_and_peft_blocked():
         for name in ("triton", "bitsandbytes", "peft"):
             sys.modules[name] = None  # any import of these now raises ImportError
         import torch
-        from modeling_deepseek_v4 import DeepseekV4Config, DeepseekV4ForCausalLM, ops
+        from modeling_deepseek_v4 import DeepseekV4ExtConfig, DeepseekV4ExtForCausalLM, ops
         from modeling_deepseek_v4.demo import tiny_demo_config
-        model = DeepseekV4ForCausalLM(tiny_demo_config()).eval()
+        model = DeepseekV4ExtForCausalLM(tiny_demo_config()).eval()
         with torch.no_grad():
             logits = model(torch.randint(0, 512, (1, 20))).logits
         assert torch.isfinite(logits).all()

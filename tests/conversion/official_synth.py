@@ -13,7 +13,7 @@ Hub snapshot and returns an `OfficialCheckpoint` with
 - `reference`: what a correct converter must produce in fp32 mode: native names (`model.` prefix, `lm_head`,
   MTP under `model.mtp.K.`), every float dequantized exactly to fp32, routed experts fused into
   `mlp.experts.gate_up_proj` [E, 2I, d] (w1 then w3) and `mlp.experts.down_proj` [E, d, I]. It matches
-  `DeepseekV4ForCausalLM(config).state_dict()` key for key and shape for shape.
+  `DeepseekV4ExtForCausalLM(config).state_dict()` key for key and shape for shape.
 
 Spec choices made here (see official-format.md):
 

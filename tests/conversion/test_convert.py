@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from modeling_deepseek_v4 import DeepseekV4ForCausalLM
+from modeling_deepseek_v4 import DeepseekV4ExtForCausalLM
 from modeling_deepseek_v4.conversion import (
     ConversionError,
     convert_official_to_plugin,
@@ -54,12 +54,12 @@ def official(tmp_path, schedule):
 
 def test_fp32_conversion_equals_direct_dequantization(tmp_path, official):
     convert_official_to_plugin(official.folder, tmp_path / "hf", dtype="fp32", shard_size=SHARD, progress=False)
-    model = DeepseekV4ForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    model = DeepseekV4ExtForCausalLM.from_pretrained(tmp_path / "hf").eval()
     state = model.state_dict()
     assert set(official.reference) == set(state)
     for name, ref in official.reference.items():
         assert torch.equal(state[name], ref.to(state[name].dtype)), name
-    direct = DeepseekV4ForCausalLM(model.config).eval()
+    direct = DeepseekV4ExtForCausalLM(model.config).eval()
     direct.load_state_dict(official.reference, strict=True)
     ids = torch.randint(0, model.config.vocab_size, (1, 40))
     with torch.no_grad():
@@ -89,7 +89,7 @@ def test_official_round_trip_is_bit_identical(tmp_path, official, dtype):
 
 def test_bf16_conversion_is_exact_and_loads(tmp_path, official):
     convert_official_to_plugin(official.folder, tmp_path / "hf", dtype="bf16", shard_size=SHARD, progress=False)
-    state = DeepseekV4ForCausalLM.from_pretrained(tmp_path / "hf").state_dict()
+    state = DeepseekV4ExtForCausalLM.from_pretrained(tmp_path / "hf").state_dict()
     for name, ref in official.reference.items():
         assert torch.equal(state[name].float(), ref.float()), name
 
@@ -98,7 +98,7 @@ def test_changed_weights_export_with_official_rule(tmp_path, official):
     """Blocks that no longer fit their original scale get the official rule's scale (exactly what
     `quantize_fp4` gives); untouched tensors still reproduce their original bytes."""
     convert_official_to_plugin(official.folder, tmp_path / "hf", dtype="bf16", shard_size=SHARD, progress=False)
-    model = DeepseekV4ForCausalLM.from_pretrained(tmp_path / "hf")
+    model = DeepseekV4ExtForCausalLM.from_pretrained(tmp_path / "hf")
     with torch.no_grad():
         model.model.layers[2].mlp.experts.gate_up_proj.mul_(3.0)
     model.save_pretrained(tmp_path / "tuned")
@@ -122,7 +122,7 @@ def test_fp4_to_fp8_transcoding_is_exact(tmp_path, official):
     assert all(t.dtype != torch.int8 for t in tensors.values())
     assert "expert_dtype" not in json.loads((tmp_path / "fp8" / "config.json").read_text())
     convert_official_to_plugin(tmp_path / "fp8", tmp_path / "hf", dtype="fp32", progress=False)
-    state = DeepseekV4ForCausalLM.from_pretrained(tmp_path / "hf").state_dict()
+    state = DeepseekV4ExtForCausalLM.from_pretrained(tmp_path / "hf").state_dict()
     for name, ref in official.reference.items():
         assert torch.equal(state[name], ref.to(state[name].dtype)), name
 
@@ -249,7 +249,7 @@ def test_cli_reports_errors_with_exit_code(tmp_path, capsys):
 def test_base_variant_with_fp8_experts_and_float32_scales(tmp_path):
     official = make_official_checkpoint(tmp_path / "official", tiny_config(), n_shards=2, expert_format="fp8")
     convert_official_to_plugin(official.folder, tmp_path / "hf", dtype="fp32", progress=False)
-    state = DeepseekV4ForCausalLM.from_pretrained(tmp_path / "hf").state_dict()
+    state = DeepseekV4ExtForCausalLM.from_pretrained(tmp_path / "hf").state_dict()
     for name, ref in official.reference.items():
         assert torch.equal(state[name], ref.to(state[name].dtype)), name
 
@@ -269,7 +269,7 @@ def test_inference_config_is_used_when_root_config_is_missing(tmp_path):
     (official.folder / "inference" / "config.json").write_text(json.dumps(args))
     (official.folder / "config.json").unlink()
     convert_official_to_plugin(official.folder, tmp_path / "hf", dtype="fp32", progress=False)
-    model = DeepseekV4ForCausalLM.from_pretrained(tmp_path / "hf")
+    model = DeepseekV4ExtForCausalLM.from_pretrained(tmp_path / "hf")
     assert model.config.compress_ratios == root["compress_ratios"]
     assert model.config.rope_parameters["compress"]["factor"] == yarn["factor"]
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors import SafetensorError, safe_open
 
-from modeling_deepseek_v4 import DeepseekV4Config, DeepseekV4ForCausalLM
+from modeling_deepseek_v4 import DeepseekV4ExtConfig, DeepseekV4ExtForCausalLM
 from modeling_deepseek_v4.quant_formats import fp4_to_fp8_blocks
 from tests.conftest import tiny_config
 from tests.conversion.official_synth import (
@@ -254,7 +254,7 @@ def test_shards_split_experts_and_scale_siblings(tmp_path, n_shards):
 def test_reference_matches_plugin_model(tmp_path, schedule, expert_format):
     cfg = tiny_config(schedule)
     ckpt = make_official_checkpoint(tmp_path, cfg, expert_format=expert_format)
-    model = DeepseekV4ForCausalLM(cfg)
+    model = DeepseekV4ExtForCausalLM(cfg)
     expected = model.state_dict()
     assert list(ckpt.reference) != [] and set(ckpt.reference) == set(expected)
     for name, tensor in expected.items():
@@ -334,7 +334,7 @@ def test_partial_multi_block_grids_with_varying_scales(tmp_path):
     assert len(set(o["layers.0.ffn.experts.0.w1.scale"].view(torch.uint8).flatten().tolist())) > 3
     decoded = _fp8_decode(o["mtp.0.e_proj.weight"], o["mtp.0.e_proj.scale"])
     assert torch.equal(ckpt.reference["model.mtp.0.e_proj.weight"], decoded)
-    model = DeepseekV4ForCausalLM(cfg)
+    model = DeepseekV4ExtForCausalLM(cfg)
     model.load_state_dict(ckpt.reference, strict=True)
 
 
@@ -386,7 +386,7 @@ def test_config_json_official_spelling(flash_ckpt):
         assert key not in written
     # tiny rates (HCA 8) are not the official 4 / 128: the non-official key is written
     assert written["compress_rates"] == {CSA: 4, HCA: 8}
-    loaded = DeepseekV4Config.from_pretrained(flash_ckpt.folder)
+    loaded = DeepseekV4ExtConfig.from_pretrained(flash_ckpt.folder)
     for key in ("compress_ratios", "compress_rates", "layer_types", "num_hash_layers", "qk_rope_head_dim",
                 "rope_parameters", "hidden_size", "n_routed_experts", "routed_scaling_factor", "hc_mult"):  # fmt: skip
         assert getattr(loaded, key) == getattr(cfg, key), key
@@ -401,7 +401,7 @@ def test_official_rates_omit_compress_rates(tmp_path):
         "config.json",
         INDEX_NAME,
     ]
-    assert DeepseekV4Config.from_pretrained(tmp_path).compress_ratios == cfg.compress_ratios
+    assert DeepseekV4ExtConfig.from_pretrained(tmp_path).compress_ratios == cfg.compress_ratios
 
 
 def test_side_files(flash_ckpt):
@@ -427,7 +427,7 @@ def test_dspark_variant(tmp_path):
     assert set(ckpt.extra) <= set(read_folder(tmp_path))
     assert "mtp.1.fc.scale" in ckpt.extra
     assert not any(".mtp.1." in n for n in ckpt.reference)
-    DeepseekV4ForCausalLM(cfg).load_state_dict(ckpt.reference, strict=True)
+    DeepseekV4ExtForCausalLM(cfg).load_state_dict(ckpt.reference, strict=True)
 
 
 # ---- damage helpers --------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Tests for `DeepseekV4Config`: input spellings (own, native, official), normalisation, interop, validation."""
+"""Tests for `DeepseekV4ExtConfig`: input spellings (own, native, official), normalisation, interop, validation."""
 
 import copy
 import json
@@ -7,7 +7,7 @@ import pytest
 import transformers
 from transformers import PreTrainedConfig
 
-from modeling_deepseek_v4.configuration_deepseek_v4 import DeepseekV4Config
+from modeling_deepseek_v4.configuration_deepseek_v4 import DeepseekV4ExtConfig
 
 NativeConfig = transformers.DeepseekV4Config
 CSA, HCA, SWA = "compressed_sparse_attention", "heavily_compressed_attention", "sliding_attention"
@@ -24,7 +24,7 @@ FP8_QUANT = {
 
 # Root `config.json` of deepseek-ai/DeepSeek-V4-Flash (official-format.md §3).
 OFFICIAL_FLASH = {
-    "architectures": ["DeepseekV4ForCausalLM"],
+    "architectures": ["DeepseekV4ExtForCausalLM"],
     "model_type": "deepseek_v4",
     "torch_dtype": "bfloat16",
     "transformers_version": "4.57.1",
@@ -94,7 +94,7 @@ TINY_TYPES = [SWA, SWA, CSA, HCA]
 
 
 def tiny(**overrides):
-    return DeepseekV4Config(**{**TINY, **overrides})
+    return DeepseekV4ExtConfig(**{**TINY, **overrides})
 
 
 def official_flash() -> dict:
@@ -102,7 +102,7 @@ def official_flash() -> dict:
 
 
 def test_defaults_are_v4_flash():
-    config = DeepseekV4Config()
+    config = DeepseekV4ExtConfig()
     assert config.model_type == "deepseek_v4_ext"
     assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.head_dim) == (
         4096,
@@ -146,7 +146,7 @@ def test_default_schedule_deviates_from_native():
 
 
 def test_official_flash_root_config():
-    config = DeepseekV4Config.from_dict(official_flash())
+    config = DeepseekV4ExtConfig.from_dict(official_flash())
     assert config.compress_ratios == FLASH_RATIOS and len(config.compress_ratios) == 44
     assert config.layer_types == [SWA, SWA] + [CSA, HCA] * 20 + [CSA]
     assert config.layer_types.count(CSA) == 21 and config.layer_types.count(HCA) == 20
@@ -213,7 +213,7 @@ def test_official_and_native_spellings_normalise_equal():
 
 def test_native_dict_round_trip():
     native = NativeConfig(**TINY, layer_types=[HCA, HCA, CSA, SWA], num_hash_layers=1, rope_scaling=dict(YARN))
-    config = DeepseekV4Config.from_dict(native.to_dict())
+    config = DeepseekV4ExtConfig.from_dict(native.to_dict())
     assert config.layer_types == native.layer_types
     assert config.compress_ratios == [128, 128, 4, 0, 0]
     assert native.mlp_layer_types == ["hash_moe", "moe", "moe", "moe"]
@@ -225,11 +225,11 @@ def test_native_dict_round_trip():
     # Native keeps the legacy `type` key next to `rope_type`; the plugin drops it.
     native_rope["compress"].pop("type", None)
     assert config.rope_parameters == native_rope
-    assert DeepseekV4Config(**native.to_dict()).to_dict() == config.to_dict()
+    assert DeepseekV4ExtConfig(**native.to_dict()).to_dict() == config.to_dict()
 
 
 def test_native_loads_plugin_dict():
-    config = DeepseekV4Config.from_dict(official_flash())
+    config = DeepseekV4ExtConfig.from_dict(official_flash())
     native = NativeConfig.from_dict(config.to_dict())
     reference = NativeConfig.from_dict(official_flash())
     assert native.layer_types == config.layer_types == reference.layer_types
@@ -242,24 +242,24 @@ def test_native_loads_plugin_dict():
 @pytest.mark.parametrize("source", ["default", "official", "tiny"])
 def test_save_load_round_trip_is_idempotent(tmp_path, source):
     config = {
-        "default": DeepseekV4Config,
-        "official": lambda: DeepseekV4Config.from_dict(official_flash()),
+        "default": DeepseekV4ExtConfig,
+        "official": lambda: DeepseekV4ExtConfig.from_dict(official_flash()),
         "tiny": lambda: tiny(expert_dtype="fp8", attn_chunk_size=16, indexer_chunk_size=8, ops_backend="reference"),
     }[source]()
     config.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["model_type"] == "deepseek_v4_ext"
     assert "rope_scaling" not in saved and "mlp_layer_types" not in saved
-    loaded = DeepseekV4Config.from_pretrained(tmp_path)
+    loaded = DeepseekV4ExtConfig.from_pretrained(tmp_path)
     assert loaded.to_dict() == config.to_dict()
-    again = DeepseekV4Config.from_dict(loaded.to_dict())
+    again = DeepseekV4ExtConfig.from_dict(loaded.to_dict())
     assert again.to_dict() == loaded.to_dict()
-    assert DeepseekV4Config(**saved).to_dict() == loaded.to_dict()
+    assert DeepseekV4ExtConfig(**saved).to_dict() == loaded.to_dict()
 
 
 def test_base_config_reads_saved_file(tmp_path):
     # Trainer resume re-reads `config.json` through the base class (hf-integration.md §10.5).
-    DeepseekV4Config.from_dict(official_flash()).save_pretrained(tmp_path)
+    DeepseekV4ExtConfig.from_dict(official_flash()).save_pretrained(tmp_path)
     base = PreTrainedConfig.from_json_file(tmp_path / "config.json")
     assert base.layer_types[:3] == [SWA, SWA, CSA]
     assert base.num_hash_layers == 3
@@ -357,9 +357,9 @@ def test_validate_rechecks_after_edit():
 )
 def test_deepseek_v41_refused(extra):
     with pytest.raises(ValueError, match="V4.1"):
-        DeepseekV4Config.from_dict({**official_flash(), **extra})
+        DeepseekV4ExtConfig.from_dict({**official_flash(), **extra})
 
 
 def test_reference_inference_config_refused():
     with pytest.raises(ValueError, match="inference/config.json"):
-        DeepseekV4Config(dim=4096, n_layers=43, n_heads=64)
+        DeepseekV4ExtConfig(dim=4096, n_layers=43, n_heads=64)

@@ -6,26 +6,35 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import modeling_deepseek_v4
-from modeling_deepseek_v4 import DeepseekV4Config, DeepseekV4ForCausalLM, DeepseekV4Model
+from modeling_deepseek_v4 import DeepseekV4ExtConfig, DeepseekV4ExtForCausalLM, DeepseekV4ExtModel
 from tests.conftest import tiny_model
 
 
 def test_auto_classes_resolve_to_plugin_without_touching_native():
     cfg = AutoConfig.for_model("deepseek_v4_ext")
-    assert type(cfg) is DeepseekV4Config
+    assert type(cfg) is DeepseekV4ExtConfig
     assert AutoConfig.for_model("deepseek_v4").__class__ is transformers.DeepseekV4Config
-    assert type(AutoModel.from_config(tiny_model().config)) is DeepseekV4Model
+    assert type(AutoModel.from_config(tiny_model().config)) is DeepseekV4ExtModel
     # Re-importing (pip package + a Hub copy in one process) is idempotent.
     import importlib
 
     importlib.reload(modeling_deepseek_v4)
 
 
+def test_saved_architectures_cannot_resolve_to_native_classes(tmp_path):
+    """Tools such as TRL look `architectures` up in transformers first; our names must not be found there."""
+    tiny_model().save_pretrained(tmp_path)
+    architectures = AutoConfig.from_pretrained(tmp_path).architectures
+    assert architectures == ["DeepseekV4ExtForCausalLM"]
+    for name in [*architectures, DeepseekV4ExtConfig.__name__, DeepseekV4ExtModel.__name__]:
+        assert getattr(transformers, name, None) is None, name
+
+
 def test_round_trip_is_exact(tmp_path, schedule):
     model = tiny_model(schedule)
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert type(loaded).__name__ == "DeepseekV4ForCausalLM" and isinstance(loaded, DeepseekV4ForCausalLM)
+    assert type(loaded).__name__ == "DeepseekV4ExtForCausalLM" and isinstance(loaded, DeepseekV4ExtForCausalLM)
     ours, theirs = model.state_dict(), loaded.state_dict()
     assert ours.keys() == theirs.keys()
     for key in ours:
@@ -44,7 +53,7 @@ def test_mtp_and_buffers_are_saved(tmp_path):
     assert {"model.mtp.0.e_proj.weight", "model.mtp.0.h_proj.weight", "model.mtp.0.hc_head.hc_fn"} <= keys
     assert "model.layers.0.mlp.gate.tid2eid" in keys
     assert "model.layers.3.mlp.gate.e_score_correction_bias" in keys
-    loaded = DeepseekV4ForCausalLM.from_pretrained(tmp_path)
+    loaded = DeepseekV4ExtForCausalLM.from_pretrained(tmp_path)
     assert torch.equal(loaded.model.layers[0].mlp.gate.tid2eid, model.model.layers[0].mlp.gate.tid2eid)
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
-from modeling_deepseek_v4 import DeepseekV4ForCausalLM
+from modeling_deepseek_v4 import DeepseekV4ExtForCausalLM
 from modeling_deepseek_v4.conversion import convert_official_to_plugin, convert_plugin_to_official
 from modeling_deepseek_v4.quantization import convert_qat, prepare_fp4_qat, set_reference_numerics
 from modeling_deepseek_v4.quantization.qat import DeepseekV4QATExperts, fake_quantize
@@ -105,7 +105,7 @@ def test_trainer_qat_then_fp4_export_is_lossless(tmp_path):
     convert_official_to_plugin(tmp_path / "official", tmp_path / "back", dtype="keep", progress=False)
     # same chunking as the tiny config (the converter writes the defaults): same summation order
     chunks = {"attn_chunk_size": 16, "indexer_chunk_size": 16}
-    back = DeepseekV4ForCausalLM.from_pretrained(tmp_path / "back", dtype=torch.float32, **chunks).eval()
+    back = DeepseekV4ExtForCausalLM.from_pretrained(tmp_path / "back", dtype=torch.float32, **chunks).eval()
     assert back.model.layers[0].mlp.experts.fmt == "fp4"
     saved = quantized.state_dict()
     for name, tensor in back.state_dict().items():

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from modeling_deepseek_v4 import DeepseekV4ForCausalLM
+from modeling_deepseek_v4 import DeepseekV4ExtForCausalLM
 from modeling_deepseek_v4.conversion import convert_official_to_plugin, transcode_experts_to_fp8
 from modeling_deepseek_v4.quantization import dequantize_model, quantize_model, resident_weight_bytes
 from modeling_deepseek_v4.quantized_modules import (
@@ -76,7 +76,7 @@ def test_save_and_from_pretrained_round_trip(tmp_path):
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["dsv4_quantization"] == {"weights": "fp8", "experts": "fp4", "scale_dtype": "float32"}
-    loaded = DeepseekV4ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    loaded = DeepseekV4ExtForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     assert loaded.model.layers[0].mlp.experts.gate_up_proj_scale_inv.dtype == torch.float32
     for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
         assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8)), name
@@ -101,10 +101,10 @@ def test_converted_keep_folder_loads_quantized(tmp_path, experts):
         src = tmp_path / "fp8"
     convert_official_to_plugin(src, tmp_path / "keep", dtype="keep", progress=False)
     convert_official_to_plugin(src, tmp_path / "fp32", dtype="fp32", progress=False)
-    keep = DeepseekV4ForCausalLM.from_pretrained(tmp_path / "keep", dtype=torch.float32).eval()
+    keep = DeepseekV4ExtForCausalLM.from_pretrained(tmp_path / "keep", dtype=torch.float32).eval()
     assert QuantizationLayout.from_config(keep.config) == QuantizationLayout("fp8", experts, "float8_e8m0fnu")
     assert keep.model.layers[2].mlp.experts.fmt == experts
-    dense = DeepseekV4ForCausalLM.from_pretrained(tmp_path / "fp32").eval()
+    dense = DeepseekV4ExtForCausalLM.from_pretrained(tmp_path / "fp32").eval()
     ids = torch.randint(0, 97, (1, 40))
     # the keep folder holds the official bytes, the fp32 folder their exact dequantization
     torch.testing.assert_close(logits(keep, ids), logits(dense, ids), atol=1e-5, rtol=0)
@@ -137,7 +137,7 @@ def test_bad_layouts_are_refused():
     with pytest.raises(ValueError, match="experts='fp2'"):
         QuantizationLayout("fp8", "fp2")
     with pytest.raises(ValueError, match="unknown keys"):
-        DeepseekV4ForCausalLM(tiny_config(dsv4_quantization={"weights": "fp8", "expert": "fp4"}))
+        DeepseekV4ExtForCausalLM(tiny_config(dsv4_quantization={"weights": "fp8", "expert": "fp4"}))
     model = quantize_model(tiny_model(), weights="fp8", experts=None)
     with pytest.raises(ValueError, match="already quantized"):
         quantize_model(model)
