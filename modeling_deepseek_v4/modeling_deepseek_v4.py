@@ -23,6 +23,7 @@ from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
+from transformers.utils import logging
 
 from .attention import DeepseekV4Attention, DeepseekV4GroupedLinear
 from .cache import DeepseekV4Cache, DeepseekV4LayerCache
@@ -32,12 +33,34 @@ from .configuration_deepseek_v4 import DeepseekV4ExtConfig
 from .generation_hooks import DeepseekV4GenerationHooks
 from .hyper_connection import DeepseekV4HyperConnection, DeepseekV4HyperHead, DeepseekV4RMSNorm
 from .losses import router_balance_loss
-from .moe import DeepseekV4Experts, DeepseekV4HashRouter, DeepseekV4SparseMoeBlock, DeepseekV4TopKRouter
+from .moe import (
+    DeepseekV4Experts,
+    DeepseekV4HashRouter,
+    DeepseekV4SparseMoeBlock,
+    DeepseekV4TopKRouter,
+    default_tid2eid,
+)
 from .pretrained_io import DeepseekV4PretrainedIO
 from .quantized_modules import build_quantized_modules, init_quantized_module
 from .reference_numerics import set_reference_numerics
 from .rope import BatchMeta, RopeTables
 from .static_cache import DeepseekV4StaticCache
+
+logger = logging.get_logger(__name__)
+
+
+def _warn_ignored_requests(config, kwargs: dict) -> None:
+    """Warn once about requests this model cannot honour, instead of ignoring them silently."""
+    if kwargs.get("output_attentions"):
+        logger.warning_once(
+            "DeepSeek-V4 does not return attention weights (its attention runs in query chunks over a key band and "
+            "never forms them); `output_attentions=True` is ignored and `attentions` stays None."
+        )
+    if config.attention_dropout:
+        logger.warning_once(
+            f"attention_dropout={config.attention_dropout} is not applied: DeepSeek-V4 (like the official model) "
+            "has no attention dropout."
+        )
 
 
 class DeepseekV4DecoderLayer(GradientCheckpointingLayer):
@@ -158,7 +181,7 @@ class DeepseekV4ExtPreTrainedModel(DeepseekV4PretrainedIO, PreTrainedModel):
         if isinstance(module, DeepseekV4TopKRouter):
             init.normal_(module.weight, mean=0.0, std=std)
             if isinstance(module, DeepseekV4HashRouter):
-                init.copy_(module.tid2eid, _default_tid2eid(module.tid2eid.shape, module.num_experts))
+                init.copy_(module.tid2eid, default_tid2eid(module.tid2eid.shape, module.num_experts))
             else:
                 init.zeros_(module.e_score_correction_bias)
         elif isinstance(module, DeepseekV4Experts):
@@ -178,13 +201,6 @@ class DeepseekV4ExtPreTrainedModel(DeepseekV4PretrainedIO, PreTrainedModel):
             init.ones_(module.hc_scale)
         elif isinstance(module, DeepseekV4HCACompressor):
             init.zeros_(module.position_bias)
-
-
-def _default_tid2eid(shape: torch.Size, num_experts: int) -> torch.Tensor:
-    """Deterministic balanced hash table for random init: token t -> K consecutive experts from a hashed start."""
-    vocab, k = shape
-    first = (torch.arange(vocab, dtype=torch.long) * 40503) % num_experts
-    return (first.unsqueeze(1) + torch.arange(k)) % num_experts
 
 
 def _valid_tokens(attention_mask: torch.Tensor | None, batch: int, seq_len: int) -> torch.Tensor | None:
@@ -283,6 +299,7 @@ class DeepseekV4ExtModel(DeepseekV4ExtPreTrainedModel):
         carries it under both names (compat.py)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        _warn_ignored_requests(self.config, kwargs)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         output_hidden_states = bool(output_hidden_states if output_hidden_states is not None else False)
         if inputs_embeds is None:
@@ -373,6 +390,7 @@ class DeepseekV4ExtForCausalLM(DeepseekV4GenerationHooks, DeepseekV4ExtPreTraine
         output_router_logits = (
             self.config.output_router_logits if output_router_logits is None else output_router_logits
         )
+        _warn_ignored_requests(self.config, kwargs)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -150,3 +150,11 @@ class DeepseekV4SparseMoeBlock(nn.Module):
         routed = self.experts(flat, indices, weights, static_shapes)
         out = (routed + self.shared_experts(flat).float()).to(x.dtype)
         return out.view_as(x), (scores, indices)
+
+
+def default_tid2eid(shape: torch.Size, num_experts: int) -> torch.Tensor:
+    """Deterministic balanced hash table for random init and new tokens: token t -> K consecutive experts from a
+    hashed start. `shape` is `[vocab, K]`."""
+    vocab, k = shape
+    first = (torch.arange(vocab, dtype=torch.long) * 40503) % num_experts
+    return (first.unsqueeze(1) + torch.arange(k)) % num_experts

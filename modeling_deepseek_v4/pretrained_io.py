@@ -6,7 +6,9 @@
   AutoModel and AutoModelForCausalLM (transformers writes one model class per save) and a `requirements.txt`, both
   written through a temporary file and renamed;
 - `add_adapter` / `load_adapter`: transformers >= 5.24 needs PEFT >= 0.22 for them; the error then says what works
-  with the installed PEFT (`compat.peft_version_hint`).
+  with the installed PEFT (`compat.peft_version_hint`);
+- `resize_token_embeddings`: the hash-routed layers' `tid2eid [vocab, K]` tables follow the vocabulary;
+- `num_parameters`: weights kept quantized (FP8 / packed FP4 buffers, not parameters) are counted as weights.
 """
 
 from __future__ import annotations
@@ -14,8 +16,12 @@ from __future__ import annotations
 import json
 import os
 
+import torch
+
 from .bnb_quant import apply_bnb_to_custom_weights, bnb_4bit_settings, with_dense_modules
 from .compat import TRANSFORMERS_REQUIREMENT, peft_version_hint
+from .moe import DeepseekV4HashRouter, default_tid2eid
+from .quantized_modules import _KeepsStorageDtype
 
 
 class DeepseekV4PretrainedIO:
@@ -57,6 +63,33 @@ class DeepseekV4PretrainedIO:
                 os.path.join(save_directory, "requirements.txt"), f"torch>=2.11\n{TRANSFORMERS_REQUIREMENT}\n"
             )
         return result
+
+    def resize_token_embeddings(self, *args, **kwargs):
+        """As transformers', and every hash-routed layer's `tid2eid [vocab, K]` follows the new vocabulary: existing
+        tokens keep their experts, new tokens get the default balanced hash (as at random init)."""
+        result = super().resize_token_embeddings(*args, **kwargs)
+        vocab = self.get_input_embeddings().weight.shape[0]
+        for module in self.modules():
+            if isinstance(module, DeepseekV4HashRouter) and module.tid2eid.shape[0] != vocab:
+                table = default_tid2eid((vocab, module.tid2eid.shape[1]), module.num_experts)
+                kept = min(vocab, module.tid2eid.shape[0])
+                table[:kept] = module.tid2eid[:kept].cpu()
+                module.tid2eid = table.to(module.tid2eid.device)
+        return result
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """As transformers', plus the weights kept quantized in buffers (FP8: one value per byte, packed FP4: two;
+        scales not counted), which are frozen, so only counted when `only_trainable` is False."""
+        count = super().num_parameters(only_trainable=only_trainable, exclude_embeddings=exclude_embeddings)
+        if only_trainable:
+            return count
+        for module in self.modules():
+            if isinstance(module, _KeepsStorageDtype):
+                for name in module._quantized_buffers:
+                    buf = module._buffers.get(name)
+                    if buf is not None and not name.endswith("_scale_inv"):
+                        count += buf.numel() * (2 if buf.dtype in (torch.int8, torch.uint8) else 1)
+        return count
 
     def add_adapter(self, *args, **kwargs):
         """transformers' `add_adapter`; with a PEFT too old for this transformers, the error names the PEFT calls

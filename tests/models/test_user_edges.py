@@ -1,0 +1,63 @@
+"""Things users hit: resizing the vocabulary with hash-routed layers, requests the model cannot honour (warned,
+not silently ignored), parameter counts of quantized models."""
+
+import torch
+from transformers import AutoModelForCausalLM
+
+import modeling_deepseek_v4.modeling_deepseek_v4 as modeling
+from modeling_deepseek_v4.moe import DeepseekV4HashRouter
+from tests.conftest import tiny_model
+
+
+def hash_tables(model):
+    return [m.tid2eid.clone() for m in model.modules() if isinstance(m, DeepseekV4HashRouter)]
+
+
+def test_resize_token_embeddings_keeps_hash_routing_working(tmp_path):
+    model = tiny_model()
+    before = hash_tables(model)
+    assert before, "the tiny model has hash-routed layers"
+    ids = torch.randint(2, 97, (1, 30), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(ids).logits
+    model.resize_token_embeddings(110)
+    assert model.config.vocab_size == 110
+    for old, new in zip(before, hash_tables(model)):
+        assert new.shape == (110, old.shape[1]) and torch.equal(new[:97], old)
+        assert int(new.max()) < model.config.n_routed_experts
+    new_ids = torch.cat([ids, torch.arange(97, 110)[None]], 1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits[..., :97], reference, atol=1e-6, rtol=0)
+        logits = model(new_ids).logits  # tokens >= 97 used to raise IndexError in tid2eid
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path)(new_ids).logits, logits)
+    model.resize_token_embeddings(90)
+    assert all(t.shape[0] == 90 for t in hash_tables(model))
+    with torch.no_grad():
+        model(torch.randint(2, 90, (1, 12)))
+
+
+def test_unsupported_requests_warn_once(monkeypatch):
+    seen = []
+    monkeypatch.setattr(modeling.logger, "warning_once", lambda msg, *a, **k: seen.append(msg))
+    model = tiny_model()
+    ids = torch.randint(2, 97, (1, 10))
+    with torch.no_grad():
+        out = model(ids, output_attentions=True)
+    assert out.attentions is None and any("output_attentions" in m for m in seen)
+    seen.clear()
+    model = tiny_model(attention_dropout=0.1)
+    with torch.no_grad():
+        model(ids)
+    assert any("attention_dropout=0.1" in m for m in seen)
+
+
+def test_num_parameters_counts_weights_kept_quantized():
+    from modeling_deepseek_v4.quantization import quantize_model
+
+    model = tiny_model()
+    dense = model.num_parameters()
+    quantize_model(model, weights="fp8", experts="fp4")
+    assert model.num_parameters() == dense
+    assert model.num_parameters(only_trainable=True) < dense
