@@ -1,28 +1,15 @@
-"""Command line of the pip package: `python -m modeling_deepseek_v4 demo` (also the `dsv4` console script)."""
+"""`python -m modeling_deepseek_v4 demo | card ...`; the `dsv4` console script parses in `dsv4_cli.py` (no heavy
+imports for `--help`) and runs `run(args)` here."""
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dsv4", description="DeepSeek-V4 for Hugging Face transformers.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="build, save, reload and generate with a built-in tiny DeepSeek-V4")
-    demo.add_argument("--output-dir", help="keep the saved model here (default: a temporary folder)")
-    demo.add_argument("--new-tokens", type=int, default=16, help="tokens to generate per prompt (default 16)")
-    demo.add_argument("--seed", type=int, default=0)
-    card = sub.add_parser("card", help="render README.md (a model card) for a model or adapter folder")
-    card.add_argument("folder")
-    card.add_argument("--output", help="where to write (default FOLDER/README.md)")
-    card.add_argument("--license", help="license identifier for the card metadata (e.g. mit)")
-    card.add_argument("--base-model", help="base model repo id (adapters and fine-tunes)")
-    card.add_argument("--dataset", action="append", dest="datasets", help="training dataset id (repeatable)")
-    args = parser.parse_args(argv)
-
+def run(args) -> int:
+    """Run a parsed `dsv4` command (see `dsv4_cli.dsv4_parser`); returns the exit code."""
     # Tiny ops stall with 2 threads on small CPUs; the demo model is tiny.
     torch.set_num_threads(1)
     if args.command == "demo":
@@ -45,6 +32,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(f"wrote {path}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dsv4_cli import main as cli_main
+
+    return cli_main(argv)
 
 
 if __name__ == "__main__":
