@@ -17,11 +17,14 @@ import json
 import os
 
 import torch
+from transformers.utils import logging
 
-from .bnb_quant import apply_bnb_to_custom_weights, bnb_4bit_settings, with_dense_modules
+from .bnb_quant import apply_bnb_to_custom_weights, bnb_4bit_settings, is_bnb_8bit, with_dense_modules
 from .compat import TRANSFORMERS_REQUIREMENT, peft_version_hint
 from .moe import DeepseekV4HashRouter, default_tid2eid
 from .quantized_modules import _KeepsStorageDtype
+
+logger = logging.get_logger(__name__)
 
 
 class DeepseekV4PretrainedIO:
@@ -36,6 +39,12 @@ class DeepseekV4PretrainedIO:
             kwargs["quantization_config"] = with_dense_modules(
                 kwargs["quantization_config"], cls._keep_in_fp32_modules_strict
             )
+            if is_bnb_8bit(kwargs["quantization_config"]):
+                logger.warning(
+                    "bitsandbytes 8-bit quantizes the attention, shared-expert and MTP linears only: the routed "
+                    "experts (most of the weights) and the grouped o_a_proj stay dense. Use load_in_4bit=True for "
+                    "4-bit experts, or the official FP8/FP4 layout (dsv4-convert to-hf --dtype keep)."
+                )
         result = super().from_pretrained(*args, **kwargs)
         model = result[0] if isinstance(result, tuple) else result
         quantization_config = getattr(model.config, "quantization_config", None)

@@ -59,6 +59,24 @@ def load_4bit(folder, config=None):
     return AutoModelForCausalLM.from_pretrained(folder, quantization_config=config or nf4()).eval()
 
 
+@needs_bnb
+def test_8bit_keeps_compressor_projections_dense_and_warns_experts_stay_dense(dense_folder, monkeypatch):
+    from modeling_deepseek_v4 import pretrained_io
+
+    model, folder = dense_folder
+    warnings = []
+    monkeypatch.setattr(pretrained_io.logger, "warning", lambda msg, *a, **k: warnings.append(msg))
+    loaded = AutoModelForCausalLM.from_pretrained(folder, quantization_config=BitsAndBytesConfig(load_in_8bit=True))
+    assert any("routed experts" in w and "stay dense" in w for w in warnings)
+    for name, module in loaded.named_modules():
+        if DENSE_LINEARS.search(name):
+            assert type(module) is nn.Linear, name
+    with torch.no_grad():
+        want, got = model(IDS).logits, loaded.eval()(IDS).logits
+    # 8-bit linears (fp16 matmuls in bitsandbytes' CPU path) only; was 25% with int8-cast compressor inputs.
+    assert ((got - want).norm() / want.norm()) < 0.05
+
+
 def test_clear_error_without_bitsandbytes(monkeypatch):
     monkeypatch.setattr(bnb_quant._LazyBnb, "_module", None)
     assert bnb_4bit_available() == (False, "bitsandbytes is not installed (pip install bitsandbytes)")
@@ -74,7 +92,8 @@ def test_skip_list_keeps_lm_head_and_compressor_projections_dense():
     assert with_dense_modules(config.to_dict(), keep)["llm_int8_skip_modules"] == ["mtp", "lm_head", *keep]
     assert config.llm_int8_skip_modules == ["mtp"]  # the caller's config is not modified
     assert with_dense_modules(nf4(), keep).llm_int8_skip_modules == ["lm_head", *keep]
-    assert with_dense_modules(BitsAndBytesConfig(load_in_8bit=True), keep).llm_int8_skip_modules is None
+    assert with_dense_modules(BitsAndBytesConfig(load_in_8bit=True), keep).llm_int8_skip_modules == ["lm_head", *keep]
+    assert with_dense_modules(None, keep) is None
 
 
 @needs_bnb
