@@ -118,10 +118,11 @@ class DeepseekV4ExtConfig(PreTrainedConfig):
         A nested `rope_parameters` is authoritative for the thetas (as in native); the scalar fields are synced.
         Runtime attribute `qk_rope_head_dim = int(head_dim * partial_rotary_factor)`.
     mHC: `hc_mult` (n_hc), `hc_sinkhorn_iters`, `hc_eps`.
-    MoE: `n_routed_experts` (alias `num_local_experts`), `n_shared_experts` (0 or 1), `num_experts_per_tok`,
-        `scoring_func`, `norm_topk_prob`, `routed_scaling_factor`, `swiglu_limit`, `hidden_act`, `mlp_bias`,
-        `num_hash_layers` (leading hash-routed layers; None resolves to min(3, num_hidden_layers); a native
-        `mlp_layer_types` kwarg folds into it), `output_router_logits`, `router_aux_loss_coef`, `router_jitter_noise`.
+    MoE: `n_routed_experts` (aliases `num_local_experts`, `num_experts`), `n_shared_experts` (0 or 1),
+        `num_experts_per_tok`, `scoring_func`, `norm_topk_prob`, `routed_scaling_factor`, `swiglu_limit`, `hidden_act`,
+        `mlp_bias`, `num_hash_layers` (leading hash-routed layers; None resolves to min(3, num_hidden_layers); a
+        native `mlp_layer_types` kwarg folds into it), `output_router_logits`, `router_aux_loss_coef`,
+        `router_jitter_noise`.
     MTP: `num_nextn_predict_layers`.
     Quantization: `expert_dtype` ("fp4", "fp8" or None: format of the routed experts in the checkpoint);
         `quantization_config` is kept verbatim as an extra attribute (not a field). `dsv4_quantization`: layout
@@ -137,8 +138,13 @@ class DeepseekV4ExtConfig(PreTrainedConfig):
 
     model_type = "deepseek_v4_ext"
     keys_to_ignore_at_inference = ["past_key_values", "cache"]
-    # Standard MoE names read by FP8 / TP integrations and by `LlamaMLP`-style shared experts, as native.
-    attribute_map = {"num_local_experts": "n_routed_experts", "intermediate_size": "moe_intermediate_size"}
+    # Standard MoE names read by FP8 / TP integrations and by `LlamaMLP`-style shared experts, as native; TRL's MoE
+    # aux-loss path (trainer/utils.py, `add_fused_lm_head`) reads `num_experts` (hf-integration.md §12).
+    attribute_map = {
+        "num_local_experts": "n_routed_experts",
+        "num_experts": "n_routed_experts",
+        "intermediate_size": "moe_intermediate_size",
+    }
     # `rope_parameters` is keyed by these labels, not by `layer_types` (read by the base RoPE helpers).
     _rope_type_labels = ("main", "compress")
 

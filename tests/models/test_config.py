@@ -134,8 +134,9 @@ def test_defaults_are_v4_flash():
             "attention_factor": 1.0,
         },
     }
-    # Aliases as in native.
-    assert config.num_local_experts == 256 and config.intermediate_size == 2048
+    # Aliases as in native, plus `num_experts` (read by TRL's MoE aux loss, hf-integration.md §12).
+    assert config.num_local_experts == config.num_experts == 256 and config.intermediate_size == 2048
+    assert "num_experts" not in config.to_dict()
     assert "mlp_layer_types" not in config.to_dict()
 
 
