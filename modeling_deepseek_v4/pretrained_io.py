@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import torch
 from transformers.utils import logging
@@ -32,9 +33,10 @@ class DeepseekV4PretrainedIO:
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """As transformers'; with a bitsandbytes 4-bit `quantization_config`, the routed experts and the grouped
-        `o_a_proj` (which bitsandbytes leaves dense: it swaps only exact `nn.Linear`) are stored 4-bit too, while
-        `lm_head` and the strict-fp32 compressor projections stay dense (`bnb_quant.py`)."""
+        """As transformers', but a load that would leave weights uninitialised (random) raises, naming them and the
+        fix. With a bitsandbytes 4-bit `quantization_config`, the routed experts and the grouped `o_a_proj` (which
+        bitsandbytes leaves dense: it swaps only exact `nn.Linear`) are stored 4-bit too, while `lm_head` and the
+        strict-fp32 compressor projections stay dense (`bnb_quant.py`)."""
         if kwargs.get("quantization_config") is not None:
             kwargs["quantization_config"] = with_dense_modules(
                 kwargs["quantization_config"], cls._keep_in_fp32_modules_strict
@@ -45,12 +47,13 @@ class DeepseekV4PretrainedIO:
                     "experts (most of the weights) and the grouped o_a_proj stay dense. Use load_in_4bit=True for "
                     "4-bit experts, or the official FP8/FP4 layout (dsv4-convert to-hf --dtype keep)."
                 )
-        result = super().from_pretrained(*args, **kwargs)
-        model = result[0] if isinstance(result, tuple) else result
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        refuse_incomplete_load(type(model).__name__, info)
         quantization_config = getattr(model.config, "quantization_config", None)
         if bnb_4bit_settings(quantization_config) is not None:
             apply_bnb_to_custom_weights(model, quantization_config)
-        return result
+        return (model, info) if want_info else model
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """As transformers', and the custom-code folder is complete: `auto_map` names the config, the base model
@@ -111,6 +114,41 @@ class DeepseekV4PretrainedIO:
         that work instead (`peft.PeftModel.from_pretrained`)."""
         with peft_version_hint("load_adapter"):
             return super().load_adapter(*args, **kwargs)
+
+
+# Official / native-saved tensor names (docs/official-format.md §6): `embed.weight`, `layers.N.attn.*`, `head.weight`.
+_OFFICIAL_NAME = re.compile(r"^(model\.)?(embed\.weight|head\.weight|layers\.\d+\.(attn|ffn|hc_attn|hc_ffn)[._])")
+
+
+def refuse_incomplete_load(model_name: str, info: dict) -> None:
+    """Raise if `from_pretrained` left weights missing: they would stay random and the model would compute garbage
+    with only a log line to say so (wrong shapes already raise in transformers unless `ignore_mismatched_sizes`)."""
+    missing = sorted(info.get("missing_keys") or ())
+    if not missing:
+        return
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    if any(_OFFICIAL_NAME.match(name) for name in unexpected):
+        fix = (
+            "The checkpoint uses DeepSeek's official tensor names (an official release, or a folder saved by "
+            "transformers' native deepseek_v4). Convert it once with `dsv4-convert to-hf SRC DST` (add `--dtype keep` "
+            "to keep the FP8 / FP4 weights in memory) and load DST."
+        )
+    else:
+        fix = (
+            "Load a folder saved from this model class with the same configuration (layers, experts, MTP blocks), "
+            "or pass the matching config."
+        )
+    problems = [f"{len(missing)} missing: {_listing(missing)}"]
+    if unexpected:
+        problems.append(f"{len(unexpected)} in the checkpoint but not in the model: {_listing(unexpected)}")
+    raise ValueError(
+        f"{model_name}.from_pretrained would leave weights uninitialised (random): {'; '.join(problems)}. {fix}"
+    )
+
+
+def _listing(names: list[str], shown: int = 6) -> str:
+    more = f", ... (+{len(names) - shown} more)" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def _write_text_atomic(path: str, text: str) -> None:
