@@ -313,9 +313,14 @@ class OutputFolder:
         return ShardedWriter(self.tmp, plan, prefix, resume, self.bar)
 
     def copy_from(self, src: Path, names: Iterable[str]) -> None:
-        """Copy the side files among `names` that exist in `src` (tokenizer, generation config, license)."""
+        """Copy the side files and folders among `names` that exist in `src` (tokenizer, chat template, the
+        official `encoding/` helpers, generation config, license) into the temporary folder."""
         for name in names:
-            if (src / name).exists():
+            if (src / name).is_dir():
+                # dirs_exist_ok: a resumed run may have copied it already; bytecode caches are not part of a release.
+                ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+                shutil.copytree(src / name, self.tmp / name, ignore=ignore, dirs_exist_ok=True)
+            elif (src / name).exists():
                 shutil.copy2(src / name, self.tmp / name)
 
     def discard(self) -> None:

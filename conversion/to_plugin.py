@@ -7,7 +7,9 @@ straddle source shards. Everything is validated from the headers before anything
 `bf16` (exact: FP8/FP4 with power-of-two scales need <= 4 significant bits, official-format.md §9 corollary),
 `fp32`, or `keep` (FP8 / packed FP4 data with `*_scale_inv` E8M0 scales, for the quantized modules). In `bf16` /
 `fp32` mode the official scales are kept in `official_scales*.safetensors` so that exporting an unchanged model
-back is bit-identical.
+back is bit-identical. The folder is as self-contained as a `save_pretrained` one (custom code, complete `auto_map`,
+`requirements.txt`: `custom_code.py`) and carries the source's tokenizer files, chat template and `encoding/`
+helpers; everything goes through the temporary folder that is renamed into place at the end.
 """
 
 from __future__ import annotations
@@ -30,10 +32,20 @@ from .checkpoint import (
     ShardPlan,
     SourceCheckpoint,
 )
+from .custom_code import write_custom_code
 from .names import UnknownTensorError, official_to_plugin
 from .official_config import plugin_config_from_official, read_official_config
 
-COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "LICENSE")
+# Side files (and the official `encoding/` folder of Python chat-encoding helpers) copied when the source has them.
+COPIED_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "encoding",
+    "LICENSE",
+)
 OUT_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "keep": torch.bfloat16}
 
 
@@ -323,8 +335,9 @@ def convert_official_to_plugin(
 
 
 def _write_side_files(src: Path, out: OutputFolder, config, raw: dict, dtype: str) -> None:
+    """Config with the custom code, generation config, copied tokenizer / template / encoding files, provenance."""
     tmp = out.tmp
-    config.save_pretrained(tmp)
+    write_custom_code(tmp, config)
     generation = src / "generation_config.json"
     if generation.exists():
         shutil.copy2(generation, tmp / "generation_config.json")

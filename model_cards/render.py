@@ -1,7 +1,8 @@
 """Render a model card for a plugin folder from its metadata, with `huggingface_hub`'s `ModelCard` /
 `ModelCardData`: architecture from `config.json`, provenance from `dsv4_conversion.json` (written by
 `dsv4-convert`), adapter information from `adapter_config.json` (PEFT), and what the caller adds (license, base
-model, datasets, training arguments, evaluation numbers)."""
+model, datasets, training arguments, evaluation numbers). The loading example names the repo id when the caller
+knows it (`push_folder` passes it), else the folder's name."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ def _read_json(path: Path) -> dict | None:
 def render_model_card(
     folder: str | os.PathLike,
     *,
+    repo_id: str | None = None,
     model_name: str | None = None,
     license: str | None = None,
     base_model: str | None = None,
@@ -36,7 +38,9 @@ def render_model_card(
     evaluation: dict | None = None,
     tags: list[str] | None = None,
 ) -> ModelCard:
-    """Card for `folder` (a plugin model folder, or a PEFT adapter folder on top of one)."""
+    """Card for `folder` (a plugin model folder, or a PEFT adapter folder on top of one). With `repo_id` (where the
+    folder is published, e.g. "org/name") the loading example uses it and the title defaults to its name; without
+    it they use the folder's name."""
     folder = Path(folder)
     config = _read_json(folder / "config.json")
     adapter = _read_json(folder / "adapter_config.json")
@@ -60,7 +64,7 @@ def render_model_card(
         library_name="peft" if adapter is not None else "transformers",
         tags=card_tags,
     )
-    name = model_name or folder.resolve().name
+    name = model_name or (repo_id.split("/")[-1] if repo_id else folder.resolve().name)
     architecture = _architecture(config) if config else [("adapter for", base_model or "unknown base model")]
     provenance = [(k.replace("_", " "), v) for k, v in conversion.items() if v is not None]
     if layout:
@@ -79,7 +83,7 @@ def render_model_card(
         model_name=name,
         summary=_summary(config, adapter, conversion, base_model),
         architecture=architecture,
-        usage=_usage(name, adapter is not None, base_model),
+        usage=_usage(repo_id or name, adapter is not None, base_model),
         provenance=[(k, v) for k, v in provenance if v is not None],
         training=sorted((training or {}).items()),
         evaluation=sorted((evaluation or {}).items()),
@@ -130,6 +134,7 @@ def _summary(config, adapter, conversion, base_model) -> str:
 
 
 def _usage(name: str, is_adapter: bool, base_model: str | None) -> str:
+    """Loading code; `name` is the repo id when known, else the folder's name (to be replaced by the reader)."""
     if is_adapter:
         return (
             "from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n\n"

@@ -27,6 +27,8 @@ from transformers.modeling_outputs import MoeModelOutputWithPast
 
 # Floor and newest *tested* minor; `pyproject.toml` declares the same range (a test checks they agree).
 TRANSFORMERS_REQUIREMENT = "transformers>=5.23,<5.25"
+# `requirements.txt` of every folder this package writes (save_pretrained, dsv4-convert to-hf).
+REQUIREMENTS_TXT = f"torch>=2.11\n{TRANSFORMERS_REQUIREMENT}\n"
 
 CACHE_FIELD = "cache" if "cache" in {f.name for f in fields(MoeModelOutputWithPast)} else "past_key_values"
 _OLD_CACHE_FIELD = "past_key_values" if CACHE_FIELD == "cache" else "cache"

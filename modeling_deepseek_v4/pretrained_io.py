@@ -21,7 +21,7 @@ import torch
 from transformers.utils import logging
 
 from .bnb_quant import apply_bnb_to_custom_weights, bnb_4bit_settings, is_bnb_8bit, with_dense_modules
-from .compat import TRANSFORMERS_REQUIREMENT, peft_version_hint
+from .compat import REQUIREMENTS_TXT, peft_version_hint
 from .moe import DeepseekV4HashRouter, default_tid2eid
 from .quantized_modules import _KeepsStorageDtype
 
@@ -71,9 +71,7 @@ class DeepseekV4PretrainedIO:
                 }
             )
             _write_text_atomic(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
-            _write_text_atomic(
-                os.path.join(save_directory, "requirements.txt"), f"torch>=2.11\n{TRANSFORMERS_REQUIREMENT}\n"
-            )
+            _write_text_atomic(os.path.join(save_directory, "requirements.txt"), REQUIREMENTS_TXT)
         return result
 
     def resize_token_embeddings(self, *args, **kwargs):

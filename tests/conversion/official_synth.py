@@ -87,7 +87,7 @@ class OfficialCheckpoint:
     official: dict[str, torch.Tensor]  # every tensor as written, official names, file order
     reference: dict[str, torch.Tensor]  # native names, fp32 (int64 tid2eid), loads strictly into the plugin model
     weight_map: dict[str, str]  # official name -> shard file name (as in the index json)
-    files: list[Path]  # every file written (shards, index, configs, tokenizer files)
+    files: list[Path]  # every file written (shards, index, configs, tokenizer files, chat template, encoding/)
     extra: list[str] = field(default_factory=list)  # official names with no reference counterpart (DSpark mtp.1.*)
 
     @property
@@ -388,7 +388,25 @@ def _tokenizer_files(vocab_size: int) -> dict[str, dict]:
         "model_max_length": 1048576,
         "tokenizer_class": "PreTrainedTokenizerFast",
     }
-    return {"tokenizer.json": tokenizer, "tokenizer_config.json": tokenizer_config}
+    special_tokens_map = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN}
+    return {
+        "tokenizer.json": tokenizer,
+        "tokenizer_config.json": tokenizer_config,
+        "special_tokens_map.json": special_tokens_map,
+    }
+
+
+# Small stand-ins for the chat template and the `encoding/` folder of Python helpers that the V4 releases ship;
+# a converter only copies them, so their content just has to be recognisable.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<{{ message['role'] }}>{{ message['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+ENCODING_FILES = {
+    "encoding/encoding_dsv4.py": '"""Synthetic stand-in for the official DeepSeek-V4 chat encoding helpers."""\n\n\n'
+    'def encode_messages(messages):\n    return "".join(m["content"] for m in messages)\n',
+    "encoding/README.md": "# encoding (synthetic)\n",
+}
 
 
 # ---- sharding ----------------------------------------------------------------------------------------------------
@@ -445,7 +463,8 @@ def make_official_checkpoint(
 
     expert_format: "fp4" (instruct releases: packed I8 + E8M0 1x32 scales, `expert_dtype: "fp4"`) or "fp8" (Base
     releases: FP8 128x128 blocks with float32 scales, no `expert_dtype`). dspark adds a DSpark-like `mtp.1.*` and
-    `dspark_*` keys. extra_files writes `generation_config.json`, `tokenizer.json` and `tokenizer_config.json`.
+    `dspark_*` keys. extra_files writes `generation_config.json`, `tokenizer.json`, `tokenizer_config.json`,
+    `special_tokens_map.json`, `chat_template.jinja` and an `encoding/` folder.
     """
     if expert_format not in ("fp4", "fp8"):
         raise ValueError(f'expert_format must be "fp4" or "fp8", got {expert_format!r}')
@@ -489,6 +508,10 @@ def make_official_checkpoint(
         files.append(folder / "generation_config.json")
         for fname, obj in _tokenizer_files(cfg.vocab_size).items():
             _write_json(folder / fname, obj)
+            files.append(folder / fname)
+        for fname, text in {"chat_template.jinja": CHAT_TEMPLATE, **ENCODING_FILES}.items():
+            (folder / fname).parent.mkdir(exist_ok=True)
+            (folder / fname).write_text(text, encoding="utf-8")
             files.append(folder / fname)
     return OfficialCheckpoint(folder, config, b.official, b.reference, weight_map, files, extra)
 

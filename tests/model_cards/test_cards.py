@@ -80,3 +80,82 @@ def test_card_of_a_qat_converted_quantized_model(tmp_path):
     assert {"fp8", "fp4", "qat"} <= set(card.data.to_dict()["tags"])
     text = str(card)
     assert "linears fp8, routed experts fp4" in text and "quantization-aware training" in text
+
+
+TRAINER_STATE = (
+    "optimizer.pt",
+    "scheduler.pt",
+    "rng_state.pth",
+    "rng_state_1.pth",
+    "training_args.bin",
+    "trainer_state.json",
+    "checkpoint-10/model.safetensors",
+    "checkpoint-10/trainer_state.json",
+)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A saved tiny model folder, as a Trainer `output_dir` holds it: weights, custom code and Trainer state."""
+    from tests.conftest import tiny_model
+
+    folder = tmp_path_factory.mktemp("trained")
+    tiny_model().save_pretrained(folder)
+    for name in TRAINER_STATE:
+        (folder / name).parent.mkdir(exist_ok=True)
+        (folder / name).write_bytes(b"state")
+    return folder
+
+
+def snapshot(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_push_leaves_trainer_state_out_unless_asked(saved):
+    from modeling_deepseek_v4.model_cards import push_folder
+
+    before = snapshot(saved)
+    paths = {op.path_in_repo for op in push_folder(saved, "org/dsv4-tiny", dry_run=True)}
+    assert {"config.json", "model.safetensors", "modeling_deepseek_v4.py", "README.md"} <= paths
+    assert not paths & set(TRAINER_STATE)
+    paths = {op.path_in_repo for op in push_folder(saved, "org/dsv4-tiny", dry_run=True, include_training_state=True)}
+    assert set(TRAINER_STATE) <= paths
+    assert snapshot(saved) == before  # the card was rendered in memory
+
+
+def test_card_loading_example_names_the_repo_id(saved):
+    from modeling_deepseek_v4.model_cards import prepare_upload
+
+    text = str(render_model_card(saved, repo_id="org/dsv4-tiny"))
+    assert 'from_pretrained("org/dsv4-tiny", trust_remote_code=True)' in text and "# dsv4-tiny" in text
+    assert f'from_pretrained("{saved.name}", trust_remote_code=True)' in str(render_model_card(saved))
+    card = {op.path_in_repo: op for op in prepare_upload(saved, repo_id="org/other")}["README.md"]
+    assert 'from_pretrained("org/other", trust_remote_code=True)' in card.path_or_fileobj.decode()
+
+
+def test_push_without_network_fails_clearly(saved, monkeypatch):
+    """The Hub endpoint is an unused local port: no host is contacted, and the error names the repo and the fix."""
+    import socket
+
+    import huggingface_hub.constants as constants
+
+    from modeling_deepseek_v4.model_cards import push_folder
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    before = snapshot(saved)
+    with pytest.raises(ConnectionError) as caught:
+        push_folder(saved, "org/dsv4-tiny", token="hf_fake_token_for_tests")
+    message = str(caught.value)
+    assert "org/dsv4-tiny" in message and "could not be reached" in message and endpoint in message
+    assert "HF_HUB_OFFLINE" in message and "network" in message
+    # No HTTP-client traceback chained under it.
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__
+    assert snapshot(saved) == before
