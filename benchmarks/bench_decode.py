@@ -66,7 +66,7 @@ def train_mtp(model, ids, steps: int, tail: int = 160) -> None:
         embeds = model.model.embed_tokens(nxt).detach()
         with torch.enable_grad():
             for _ in range(steps):
-                hidden, _ = block.predict(streams, embeds, meta, nxt)
+                hidden, _ = block(streams, embeds, meta, nxt)
                 logits = model.lm_head(hidden)[:, :-1]
                 loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten())
                 opt.zero_grad()

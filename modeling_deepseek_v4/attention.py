@@ -21,7 +21,7 @@ from .hyper_connection import DeepseekV4RMSNorm
 from .ops import rms_norm, sparse_attention
 from .reference_numerics import kv_fp8_roundtrip
 from .rope import BatchMeta, apply_rope
-from .static_cache import compress_step, window_step
+from .static_cache import window_step
 
 
 class DeepseekV4GroupedLinear(nn.Module):
@@ -93,7 +93,8 @@ class DeepseekV4Attention(nn.Module):
             self.compressor = None
 
     def forward(self, x: torch.Tensor, meta: BatchMeta, cache: DeepseekV4LayerCache | None = None) -> torch.Tensor:
-        """x `[B, S, d]` (compacted batch, see `BatchMeta`) -> `[B, S, d]`; updates `cache` in place."""
+        """x `[B, S, d]` (compacted batch, see `BatchMeta`) -> `[B, S, d]`; updates `cache` in place. With
+        `meta.static` (one token per row on a `DeepseekV4StaticCache`) every shape is fixed (static_cache.py)."""
         b, s, _ = x.shape
         cos, sin = meta.rope[self.rope_type]
         q_residual = self.q_a_norm(self.q_a_proj(x))
@@ -104,29 +105,35 @@ class DeepseekV4Attention(nn.Module):
             kv = kv_fp8_roundtrip(kv, self.rope_dim)
 
         if meta.static:
-            return self._static_step(x, q, q_residual, kv, meta, cache, cos, sin)
-        keys = kv
-        if cache is not None:
-            # The cache keeps W - 1 keys per row, plus the rollback history (cache.py); attention reads W - 1.
-            kept = cache.window_history(self.sliding_window)
-            prior = cache.window_kv
-            if prior is None:
-                prior = kv.new_zeros(b, kept, self.head_dim)
-            history = torch.cat([prior.to(kv.dtype), kv], dim=1)
-            cache.window_kv = last_valid_window(history, meta.lengths, kept, kept)
-            cache.is_initialized = True
-            keys = history[:, kept - (self.sliding_window - 1) :]
+            keys, cache.window_kv = window_step(cache.window_kv, kv)
+        else:
+            keys = self._window_keys(kv, meta, cache)
 
         compressed, topk_idx, ratio = None, None, 0
         if self.compressor is not None:
+            # Through the compressor's and the indexer's own forward (never a helper method): accelerate's offload
+            # hooks, PEFT and FSDP wrap `forward`, so that is where their tensors are loaded (hf-integration.md §12).
             ratio = self.compressor.compress_rate
-            state = self._state(cache, "compressor", self.compressor, x)
-            compressed = self.compressor.compress(x, meta, state)
+            compressed = self.compressor(x, meta, self._state(cache, "compressor", self.compressor, x))
             if self.layer_type == "compressed_sparse_attention":
                 indexer = self.compressor.indexer
-                state = self._state(cache, "indexer", indexer, x)
-                topk_idx = indexer(x, q_residual, meta, state)
+                topk_idx = indexer(x, q_residual, meta, self._state(cache, "indexer", indexer, x))
         return self._attend(q, keys, meta, compressed, ratio, topk_idx, cos, sin)
+
+    def _window_keys(self, kv: torch.Tensor, meta: BatchMeta, cache: DeepseekV4LayerCache | None) -> torch.Tensor:
+        """Sliding-window keys `[B, W - 1 + S, D]` (cached then new), keeping the next window in the cache; `kv`
+        `[B, S, D]` itself without a cache."""
+        if cache is None:
+            return kv
+        # The cache keeps W - 1 keys per row, plus the rollback history (cache.py); attention reads W - 1.
+        kept = cache.window_history(self.sliding_window)
+        prior = cache.window_kv
+        if prior is None:
+            prior = kv.new_zeros(kv.shape[0], kept, self.head_dim)
+        history = torch.cat([prior.to(kv.dtype), kv], dim=1)
+        cache.window_kv = last_valid_window(history, meta.lengths, kept, kept)
+        cache.is_initialized = True
+        return history[:, kept - (self.sliding_window - 1) :]
 
     def _attend(self, q, keys, meta: BatchMeta, compressed, ratio: int, topk_idx, cos, sin) -> torch.Tensor:
         """Core attention, inverse RoPE and the grouped output projection: `[B, S, H, D]` queries -> `[B, S, d]`."""
@@ -147,19 +154,6 @@ class DeepseekV4Attention(nn.Module):
         )
         out = apply_rope(out, cos, sin, inverse=True)
         return self.o_b_proj(self.o_a_proj(out.reshape(b, s, self.o_groups, -1)))
-
-    def _static_step(self, x, q, q_residual, kv, meta: BatchMeta, cache, cos, sin) -> torch.Tensor:
-        """One token per row on a `DeepseekV4StaticCache`: same maths, every shape fixed (static_cache.py)."""
-        keys, cache.window_kv = window_step(cache.window_kv, kv)
-        compressed, topk_idx, ratio = None, None, 0
-        if self.compressor is not None:
-            ratio = self.compressor.compress_rate
-            compressed = compress_step(self.compressor, x, meta, cache.states["compressor"])
-            if self.layer_type == "compressed_sparse_attention":
-                indexer = self.compressor.indexer
-                index_keys = compress_step(indexer, x, meta, cache.states["indexer"])
-                topk_idx = indexer.select(x, q_residual, meta, index_keys)
-        return self._attend(q, keys, meta, compressed, ratio, topk_idx, cos, sin)
 
     @staticmethod
     def _state(cache: DeepseekV4LayerCache | None, name: str, compressor, x: torch.Tensor):

@@ -26,6 +26,7 @@ from .hyper_connection import DeepseekV4RMSNorm
 from .ops import compress_pool, indexer_topk
 from .reference_numerics import indexer_fp4_roundtrip, kv_fp8_roundtrip
 from .rope import BatchMeta, apply_rope
+from .static_cache import compress_step
 
 
 def _gather_rows(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -70,11 +71,16 @@ class DeepseekV4HCACompressor(nn.Module):
             x.shape[0], self.compress_rate, width, self.head_dim, self.overlap, x.device, x.dtype, rollback
         )
 
-    def compress(self, x: torch.Tensor, meta: BatchMeta, state: CompressorState | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, meta: BatchMeta, state: CompressorState | None) -> torch.Tensor:
         """Consume the new tokens of `x [B, S, d]`; returns the row-aligned entries `[B, N, D]` (x.dtype).
 
-        `state` (from the cache) is updated in place; None means a stateless call starting at position 0.
+        `state` (from the cache) is updated in place; None means a stateless call starting at position 0. A static
+        decode step (`meta.static`) writes into the fixed buffers of a `DeepseekV4StaticCache` instead. Both run
+        here, in `forward`, because `position_bias` is read here: accelerate's offload hooks load a module's own
+        tensors only around its `forward` (hf-integration.md §12).
         """
+        if meta.static:
+            return compress_step(self, x, meta, state)
         m = self.compress_rate
         kv, score = self._project(x, meta)
         b, s, _ = kv.shape
@@ -149,11 +155,9 @@ class DeepseekV4Indexer(DeepseekV4HCACompressor):
         meta: BatchMeta,
         state: CompressorState | None,
     ) -> torch.Tensor:
-        """Top-k entry indices `[B, S, min(k, N)]` (-1 = none) for the new queries."""
-        return self.select(x, q_residual, meta, self.compress(x, meta, state))
-
-    def select(self, x: torch.Tensor, q_residual: torch.Tensor, meta: BatchMeta, keys: torch.Tensor) -> torch.Tensor:
-        """Score the indexer `keys [B, N, c_I]` for the new queries and keep the top-k causal entries."""
+        """Top-k entry indices `[B, S, min(k, N)]` (-1 = none) for the new queries: the keys come from the
+        compressor's forward (streaming or static step), then the new queries `[B, S, H_I, c_I]` score them."""
+        keys = super().forward(x, meta, state)
         b, s, _ = x.shape
         q = self.q_b_proj(q_residual).view(b, s, self.num_heads, self.head_dim)
         q = apply_rope(q, *meta.rope["compress"])

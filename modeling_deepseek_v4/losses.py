@@ -34,5 +34,6 @@ def router_balance_loss(
         count = mask.sum().clamp(min=1.0)
         share = (chosen * mask.unsqueeze(1)).sum(0) / (count * top_k)
         mean_prob = (probs * mask.unsqueeze(1)).sum(0) / count
-        losses.append(experts * (share * mean_prob).sum())
+        # Layers of a model split across devices (accelerate `device_map`) score on their own devices.
+        losses.append((experts * (share * mean_prob).sum()).to(router_scores[0].device))
     return torch.stack(losses).mean()

@@ -108,18 +108,22 @@ class DeepseekV4MTPLayer(DeepseekV4DecoderLayer):
         self.norm = DeepseekV4RMSNorm(d, eps=config.rms_norm_eps)
         self.hc_head = DeepseekV4HyperHead(config)
 
-    def predict(
+    def forward(
         self,
         streams: torch.Tensor,
         next_embeds: torch.Tensor,
         meta: BatchMeta,
-        next_ids: torch.Tensor | None,
+        next_ids: torch.Tensor | None = None,
         layer_cache: DeepseekV4LayerCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """streams `[B, S, n, d]` (main model, before `hc_head`), next_embeds `[B, S, d]` -> (hidden `[B, S, d]`,
-        streams `[B, S, n, d]`). `layer_cache`: the block's own window cache (MTP speculation)."""
+        streams `[B, S, n, d]`). `layer_cache`: the block's own window cache (MTP speculation).
+
+        The whole block is this `forward`, not a method around the decoder layer's: hooks that wrap a block's
+        `forward` (accelerate's offload and device placement, FSDP units) then cover its norms and projections too.
+        """
         x = self.h_proj(self.hnorm(streams)) + self.e_proj(self.enorm(next_embeds)).unsqueeze(2)
-        x, _ = self(x, meta=meta, input_ids=next_ids, layer_cache=layer_cache)
+        x, _ = super().forward(x, meta=meta, input_ids=next_ids, layer_cache=layer_cache)
         return self.norm(self.hc_head(x)), x
 
 
@@ -221,6 +225,8 @@ def _rows_gather(x: torch.Tensor | None, order: torch.Tensor) -> torch.Tensor | 
     """Reorder dim 1 of `x [B, S, ...]` per row with `order [B, S]`."""
     if x is None:
         return None
+    # A model split across devices (accelerate `device_map`) ends on another device than the embedding it started on.
+    order = order.to(x.device)
     index = order.view(*order.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
     return torch.gather(x, 1, index)
 
@@ -416,7 +422,7 @@ class DeepseekV4ExtForCausalLM(DeepseekV4GenerationHooks, DeepseekV4ExtPreTraine
                 num_items = kwargs.get("num_items_in_batch")
                 if num_items is not None:
                     share = (labels[:, 1:] != -100).sum() / num_items
-                loss = loss + self.config.router_aux_loss_coef * aux_loss * share
+                loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device) * share
         streams = outputs.last_streams
         if streams is not None and not isinstance(return_streams, bool):
             streams = streams[:, -int(return_streams) :]
@@ -444,9 +450,7 @@ class DeepseekV4ExtForCausalLM(DeepseekV4GenerationHooks, DeepseekV4ExtPreTraine
         next_ids = input_ids[:, 1:]
         lengths = torch.full((b,), s - 1, dtype=torch.long, device=input_ids.device)
         meta = BatchMeta(torch.zeros_like(lengths), lengths, s - 1, self.model.rope_tables)
-        hidden, _ = self.model.mtp[depth].predict(
-            out.last_streams[:, :-1], self.model.embed_tokens(next_ids), meta, next_ids
-        )
+        hidden, _ = self.model.mtp[depth](out.last_streams[:, :-1], self.model.embed_tokens(next_ids), meta, next_ids)
         return self.lm_head(hidden.to(self.lm_head.weight.dtype)).float()
 
 

@@ -131,7 +131,7 @@ class DeepseekV4MTPCandidateGenerator(CandidateGenerator):
         lengths = torch.full((1,), s, dtype=torch.long, device=ids.device)
         meta = BatchMeta(self.cache.start_positions(1, ids.device), lengths, s, self.model.model.rope_tables)
         embeds = self.model.model.embed_tokens(ids)
-        hidden, out_streams = self.block.predict(streams, embeds, meta, ids, layer_cache=self.cache.layers[0])
+        hidden, out_streams = self.block(streams, embeds, meta, ids, layer_cache=self.cache.layers[0])
         self.cache.advance(lengths, s)
         head = self.model.lm_head
         return head(hidden[:, -1].to(head.weight.dtype)).float(), out_streams[:, -1:]

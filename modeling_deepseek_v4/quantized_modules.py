@@ -297,10 +297,13 @@ def build_quantized_modules(model: nn.Module, config) -> None:
 
 
 def init_quantized_module(module: nn.Module, std: float) -> bool:
-    """Random init (quantized normal(0, std)) for `_init_weights`; skips buffers that were loaded. Returns whether
-    `module` is a quantized module."""
-    names = getattr(module, "_quantized_buffers", ())
-    loaded = any(getattr(module._buffers.get(n), "_is_hf_initialized", False) for n in names)
+    """Random init (quantized normal(0, std)) for `_init_weights`; skips buffers that were loaded or live on meta.
+    Returns whether `module` is a quantized module."""
+    buffers = [module._buffers.get(n) for n in getattr(module, "_quantized_buffers", ())]
+    buffers = [b for b in buffers if b is not None]
+    # Meta buffers (accelerate's `init_empty_weights(include_buffers=True)`) hold no values: a random init would
+    # quantize full-size dense weights on the CPU only to drop them.
+    loaded = any(getattr(b, "_is_hf_initialized", False) or b.is_meta for b in buffers)
     if isinstance(module, DeepseekV4QuantizedExperts):
         if not loaded:
             e, rows = module.num_experts, module.gate_up_proj.shape[1]

@@ -11,6 +11,7 @@ builds models on the meta device, where non-persistent buffers would hold garbag
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -98,3 +99,19 @@ class BatchMeta:
         self.positions = start.unsqueeze(1) + torch.arange(seq_len, device=start.device)
         self.tables = tables
         self.rope = {name: tables.cos_sin(name, self.positions) for name in ("main", "compress")}
+
+    def to(self, device: torch.device | str | int, non_blocking: bool = False) -> BatchMeta:
+        """This batch's tensors on `device` (self when already there). accelerate's device hooks move every forward
+        argument that has a `.to` onto the module's execution device, so the positions and cos/sin follow the
+        hidden states of a model split across devices; they are copied, not recomputed, so numerics stay equal."""
+        device = torch.device(device)
+        if self.start.device == device:
+            return self
+        moved = copy.copy(self)
+        moved.start = self.start.to(device, non_blocking=non_blocking)
+        moved.lengths = self.lengths.to(device, non_blocking=non_blocking)
+        moved.positions = self.positions.to(device, non_blocking=non_blocking)
+        moved.rope = {
+            name: tuple(t.to(device, non_blocking=non_blocking) for t in pair) for name, pair in self.rope.items()
+        }
+        return moved
