@@ -63,6 +63,22 @@ def _warn_ignored_requests(config, kwargs: dict) -> None:
         )
 
 
+def _refuse_packed_rows(position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, kwargs: dict) -> None:
+    """Packed rows (several documents in one row: positions that restart, or flash-attention's `cu_seq_lens_*`, as
+    TRL's padding-free packing sends) would attend across documents here, since positions and windows follow the
+    attention mask. Refuse them instead of training on the wrong attention."""
+    restart = any(kwargs.get(key) is not None for key in ("cu_seq_lens_q", "cu_seq_lens_k"))
+    if not restart and position_ids is not None and position_ids.shape[-1] > 1:
+        if attention_mask is None or bool(attention_mask.bool().all()):
+            restart = bool((position_ids[..., 1:] <= position_ids[..., :-1]).any())
+    if restart:
+        raise ValueError(
+            "DeepSeek-V4 got packed sequences (position_ids that restart inside a row, or cu_seq_lens_*): this model "
+            "derives positions, windows and compression from the attention mask, so packed documents would attend "
+            "to each other. Pass one document per row with an attention_mask (TRL: packing=False, padding_free=False)."
+        )
+
+
 class DeepseekV4DecoderLayer(GradientCheckpointingLayer):
     """Attention and MoE sub-layers, each wrapped in its own mHC (`attn_hc`, `ffn_hc`). Streams `[B, S, n, d]`."""
 
@@ -306,6 +322,7 @@ class DeepseekV4ExtModel(DeepseekV4ExtPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
         _warn_ignored_requests(self.config, kwargs)
+        _refuse_packed_rows(position_ids, attention_mask, kwargs)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         output_hidden_states = bool(output_hidden_states if output_hidden_states is not None else False)
         if inputs_embeds is None:
@@ -397,6 +414,7 @@ class DeepseekV4ExtForCausalLM(DeepseekV4GenerationHooks, DeepseekV4ExtPreTraine
             self.config.output_router_logits if output_router_logits is None else output_router_logits
         )
         _warn_ignored_requests(self.config, kwargs)
+        _refuse_packed_rows(position_ids, attention_mask, kwargs)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

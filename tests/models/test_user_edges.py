@@ -1,6 +1,7 @@
 """Things users hit: resizing the vocabulary with hash-routed layers, requests the model cannot honour (warned,
 not silently ignored), parameter counts of quantized models."""
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -61,3 +62,21 @@ def test_num_parameters_counts_weights_kept_quantized():
     quantize_model(model, weights="fp8", experts="fp4")
     assert model.num_parameters() == dense
     assert model.num_parameters(only_trainable=True) < dense
+
+
+def test_packed_rows_are_refused_not_mixed():
+    """Padding-free packing (TRL) restarts positions inside a row; the model would mix the documents."""
+    model = tiny_model()
+    ids = torch.randint(2, 97, (1, 20))
+    packed = torch.cat([torch.arange(12), torch.arange(8)])[None]
+    for call in (model, model.model):
+        with torch.no_grad(), pytest.raises(ValueError, match="packed sequences"):
+            call(input_ids=ids, position_ids=packed)
+    with torch.no_grad(), pytest.raises(ValueError, match="packed sequences"):
+        model(input_ids=ids, cu_seq_lens_q=torch.tensor([0, 12, 20]))
+    # What generate passes (cumsum of the mask, pads set to 1) and plain positions are fine.
+    mask = torch.ones(1, 20, dtype=torch.long)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).masked_fill(mask == 0, 1))
+        model(input_ids=ids, position_ids=torch.arange(20)[None])
