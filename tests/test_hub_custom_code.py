@@ -56,6 +56,16 @@ def test_saved_folder_carries_custom_code(tmp_path):
     assert not {"__init__.py", "__main__.py", "demo.py"} & files  # pip-only files stay out
 
 
+def run_offline(code: str, args: list[str], tmp_path) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh interpreter in `tmp_path`, offline, with the fake Hub cache `tmp_path/hub` and a clean
+    modules cache (the child blocks the package itself)."""
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "mods")}
+    env["PATH"] = "/usr/bin:/bin"
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path
+    )
+
+
 @pytest.mark.parametrize("quantized", [False, True], ids=["dense", "fp8-fp4"])
 def test_loads_from_offline_hub_cache_without_the_package(tmp_path, quantized):
     model = tiny_model()
@@ -65,17 +75,8 @@ def test_loads_from_offline_hub_cache_without_the_package(tmp_path, quantized):
     fake_hub_cache(tmp_path / "saved", tmp_path / "hub")
     ids = torch.randint(0, model.config.vocab_size, (1, 40))
     torch.save(ids, tmp_path / "ids.pt")
-    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "mods")}
-    env["PATH"] = "/usr/bin:/bin"
-    run = subprocess.run(
-        [sys.executable, "-c", CHILD, str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")]
-        + (["DeepseekV4QuantizedExperts"] if quantized else []),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=tmp_path,
-    )
+    args = [str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")] + (["DeepseekV4QuantizedExperts"] if quantized else [])
+    run = run_offline(CHILD, args, tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     with torch.no_grad():
         expected = model(ids, use_cache=False).logits

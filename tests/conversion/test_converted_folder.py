@@ -4,8 +4,6 @@
 tests/test_hub_custom_code.py), and `push_folder` publishes it without touching it."""
 
 import json
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -17,7 +15,7 @@ from modeling_deepseek_v4.conversion.checkpoint import temp_dir_for
 from modeling_deepseek_v4.model_cards import push_folder
 from tests.conftest import tiny_config, tiny_model
 from tests.conversion.official_synth import BOS_TOKEN, make_official_checkpoint
-from tests.test_hub_custom_code import fake_hub_cache
+from tests.test_hub_custom_code import fake_hub_cache, run_offline
 
 COPIED = (
     "tokenizer.json",
@@ -106,16 +104,7 @@ def test_converted_folder_loads_without_the_package(tmp_path, converted):
     model = DeepseekV4ExtForCausalLM.from_pretrained(folder).eval()
     ids = torch.randint(0, model.config.vocab_size, (1, 40))
     torch.save(ids, tmp_path / "ids.pt")
-    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "mods")}
-    env["PATH"] = "/usr/bin:/bin"
-    run = subprocess.run(
-        [sys.executable, "-c", CHILD, str(folder), REPO, str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=tmp_path,
-    )
+    run = run_offline(CHILD, [str(folder), REPO, str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")], tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     with torch.no_grad():
         expected = model(ids, use_cache=False).logits
