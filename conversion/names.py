@@ -3,6 +3,11 @@
 Source: `docs/official-format.md` §6 (official tensors, dtypes, scale siblings) and §7 (native renames, which this
 plugin keeps). Routed experts are the only many-to-one mapping: official `ffn.experts.E.w1/w3/w2` per expert become
 the fused 3-D `mlp.experts.gate_up_proj` ([E, 2I, d], w1 rows first) and `mlp.experts.down_proj` ([E, d, I]).
+
+DSpark checkpoints (`-0731`, `-Flash-DSpark`; dspark.md §2.3, official-format.md §11) use `mtp.{s}.*` for the
+drafter's S stages: each stage's block tensors map like a main layer's to `model.dspark.layers.{s}.*`; the extras
+`mtp.0.{main_proj,main_norm}` and `mtp.{S-1}.{norm,hc_head_*,markov_head.*,confidence_head.*}` map to
+`model.dspark.*`. Whether `mtp.*` is an MTP block or a drafter comes from the config (`dspark_num_stages`).
 """
 
 from __future__ import annotations
@@ -59,6 +64,18 @@ _MTP_ONLY = {"e_proj.weight", "h_proj.weight", "enorm.weight", "hnorm.weight", "
     "hc_head_base",
     "hc_head_scale",
 }
+# DSpark drafter extras (dspark.md §2.3): official suffix -> plugin name under `model.dspark.`, on the first stage
+# (context projection) or on the last one (draft head).
+_DSPARK_FIRST = {"main_proj.weight": "main_proj.weight", "main_norm.weight": "main_norm.weight"}
+_DSPARK_LAST = {
+    "norm.weight": "norm.weight",
+    "hc_head_fn": "hc_head.hc_fn",
+    "hc_head_base": "hc_head.hc_base",
+    "hc_head_scale": "hc_head.hc_scale",
+    "markov_head.markov_w1.weight": "markov_head.markov_w1.weight",
+    "markov_head.markov_w2.weight": "markov_head.markov_w2.weight",
+    "confidence_head.proj.weight": "confidence_head.proj.weight",
+}
 _GLOBAL_RENAMES = {
     "embed.weight": "model.embed_tokens.weight",
     "head.weight": "lm_head.weight",
@@ -81,6 +98,7 @@ FP8_SUFFIXES = frozenset(
         "ffn.shared_experts.w3.weight",
         "e_proj.weight",
         "h_proj.weight",
+        "main_proj.weight",
     }
 )
 # Stored in fp32 in official checkpoints (everything else that is floating is BF16 or quantized).
@@ -92,7 +110,10 @@ F32_SUFFIXES = frozenset(
 
 _BLOCK = re.compile(r"^(layers|mtp)\.(\d+)\.(.+)$")
 _EXPERT = re.compile(r"^ffn\.experts\.(\d+)\.(w[123])\.weight$")
-_PLUGIN_BLOCK = re.compile(r"^model\.(layers|mtp)\.(\d+)\.(.+)$")
+_PLUGIN_BLOCK = re.compile(r"^model\.(layers|mtp|dspark\.layers)\.(\d+)\.(.+)$")
+_PLUGIN_DSPARK = re.compile(r"^model\.dspark\.(.+)$")
+# Official prefix of each plugin block kind: the DSpark stages live under the official `mtp.` prefix.
+_OFFICIAL_KIND = {"layers": "layers", "mtp": "mtp", "dspark.layers": "mtp"}
 _PLUGIN_EXPERTS = re.compile(r"^mlp\.experts\.(gate_up_proj|down_proj)$")
 
 
@@ -109,8 +130,9 @@ class OfficialName:
     proj: str | None = None
 
 
-def official_to_plugin(name: str) -> OfficialName:
-    """Map an official weight name (not a `.scale`) to its plugin name; raises `UnknownTensorError`."""
+def official_to_plugin(name: str, dspark_stages: int = 0) -> OfficialName:
+    """Map an official weight name (not a `.scale`) to its plugin name; raises `UnknownTensorError`. With
+    `dspark_stages` > 0 the `mtp.*` tensors are those of a DSpark drafter with that many stages."""
     if name in _GLOBAL_RENAMES:
         return OfficialName(_GLOBAL_RENAMES[name])
     match = _BLOCK.match(name)
@@ -118,6 +140,14 @@ def official_to_plugin(name: str) -> OfficialName:
         raise UnknownTensorError(name)
     kind, index, suffix = match.groups()
     prefix = f"model.{kind}.{index}."
+    if kind == "mtp" and dspark_stages:
+        stage = int(index)
+        if stage >= dspark_stages:
+            raise UnknownTensorError(name)
+        extra = (_DSPARK_FIRST if stage == 0 else {}) | (_DSPARK_LAST if stage == dspark_stages - 1 else {})
+        if suffix in extra:
+            return OfficialName(f"model.dspark.{extra[suffix]}")
+        kind, prefix = "layers", f"model.dspark.layers.{index}."
     expert = _EXPERT.match(suffix)
     if expert is not None:
         target = "mlp.experts.down_proj" if expert.group(2) == "w2" else "mlp.experts.gate_up_proj"
@@ -129,21 +159,35 @@ def official_to_plugin(name: str) -> OfficialName:
 
 _PLUGIN_TO_OFFICIAL_BLOCK = {v: k for k, v in _BLOCK_RENAMES.items()}
 _PLUGIN_TO_OFFICIAL_GLOBAL = {v: k for k, v in _GLOBAL_RENAMES.items()}
+_PLUGIN_TO_OFFICIAL_DSPARK = {v: (k, False) for k, v in _DSPARK_FIRST.items()} | {
+    v: (k, True) for k, v in _DSPARK_LAST.items()
+}
+_MTP_ONLY_PLUGIN = {_BLOCK_RENAMES[k] for k in _MTP_ONLY}
 
 
-def plugin_to_official(name: str) -> str:
-    """Official name of a plugin tensor that maps one-to-one (not the fused experts); raises `UnknownTensorError`."""
+def plugin_to_official(name: str, dspark_stages: int = 0) -> str:
+    """Official name of a plugin tensor that maps one-to-one (not the fused experts); raises `UnknownTensorError`.
+    `dspark_stages`: the drafter's stage count (its head extras go to the last stage, `mtp.{S-1}.`)."""
     if name in _PLUGIN_TO_OFFICIAL_GLOBAL:
         return _PLUGIN_TO_OFFICIAL_GLOBAL[name]
     match = _PLUGIN_BLOCK.match(name)
-    if match is None or match.group(3) not in _PLUGIN_TO_OFFICIAL_BLOCK:
-        raise UnknownTensorError(name)
+    if match is None:
+        extra = _PLUGIN_DSPARK.match(name)
+        if extra is None or not dspark_stages or extra.group(1) not in _PLUGIN_TO_OFFICIAL_DSPARK:
+            raise UnknownTensorError(name)
+        official, last = _PLUGIN_TO_OFFICIAL_DSPARK[extra.group(1)]
+        return f"mtp.{dspark_stages - 1 if last else 0}.{official}"
     kind, index, suffix = match.groups()
-    return f"{kind}.{index}.{_PLUGIN_TO_OFFICIAL_BLOCK[suffix]}"
+    if suffix not in _PLUGIN_TO_OFFICIAL_BLOCK or (kind != "mtp" and suffix in _MTP_ONLY_PLUGIN):
+        raise UnknownTensorError(name)
+    if kind == "dspark.layers" and int(index) >= dspark_stages:
+        raise UnknownTensorError(name)
+    return f"{_OFFICIAL_KIND[kind]}.{index}.{_PLUGIN_TO_OFFICIAL_BLOCK[suffix]}"
 
 
 def plugin_expert_param(name: str) -> tuple[str, str] | None:
-    """(`model.layers.N.` prefix, "gate_up_proj" | "down_proj") for a fused expert parameter name, else None."""
+    """(block prefix `model.layers.N.` / `model.mtp.K.` / `model.dspark.layers.S.`, "gate_up_proj" | "down_proj")
+    for a fused expert parameter name, else None."""
     match = _PLUGIN_BLOCK.match(name)
     if match is None:
         return None
@@ -160,8 +204,9 @@ def official_suffix(name: str) -> str:
 
 
 def official_expert_name(block_prefix: str, expert: int, proj: str) -> str:
-    """Official routed-expert weight name from a plugin block prefix `model.layers.N.`."""
-    return f"{block_prefix[len('model.') :]}ffn.experts.{expert}.{proj}.weight"
+    """Official routed-expert weight name from a plugin block prefix (`model.layers.N.`, `model.dspark.layers.S.`)."""
+    kind, index = block_prefix[len("model.") :].rstrip(".").rsplit(".", 1)
+    return f"{_OFFICIAL_KIND[kind]}.{index}.ffn.experts.{expert}.{proj}.weight"
 
 
 def scale_name(weight_name: str) -> str:

@@ -3,6 +3,10 @@
 Official root `config.json` (HF-style names, official-format.md §3) is read directly by `DeepseekV4ExtConfig`; the
 reference `inference/config.json` (`ModelArgs` names, §4) is mapped here when the root file is missing. Export
 writes the official root spelling including the legacy keys serving engines need (§5, "Interop").
+
+DSpark releases (`-0731`, `-Flash-DSpark`; dspark.md §2.2) are recognised by their `dspark_*` keys; their stage
+count comes from the tensors (`dspark_stages`, in to_plugin.py), and export writes the keys back together with the
+release's stale `num_nextn_predict_layers: 1`.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ _MODEL_ARGS = {
     "norm_eps": "rms_norm_eps",
     "n_mtp_layers": "num_nextn_predict_layers",
 }
+_DSPARK_KEYS = ("dspark_block_size", "dspark_noise_token_id", "dspark_target_layer_ids", "dspark_markov_rank")
 _COPIED = (
     "vocab_size",
     "n_routed_experts",
@@ -50,13 +55,22 @@ _COPIED = (
     "expert_dtype",
     # Not in official files; toy checkpoints with other CSA / HCA rates carry it.
     "compress_rates",
+    *_DSPARK_KEYS,
 )
 # Keys that exist only in official files and have no meaning for the plugin config.
 _DROP = ("torch_dtype", "transformers_version", "architectures", "auto_map", "dtype", "scale_fmt", "scale_dtype")
 
 
+def is_dspark(raw: dict) -> bool:
+    """Whether an official config describes a DSpark release (any `dspark_*` key, or SGLang's `markov_rank`)."""
+    return any(key.startswith("dspark_") for key in raw) or "markov_rank" in raw
+
+
 def _from_model_args(args: dict) -> dict:
     out = {root: args[key] for key, root in _MODEL_ARGS.items() if key in args}
+    if is_dspark(args) and "n_mtp_layers" in args:
+        # In a DSpark release `n_mtp_layers` counts the drafter's stages (dspark.md §2.2).
+        out["dspark_num_stages"] = out.pop("num_nextn_predict_layers")
     out.update({key: args[key] for key in _COPIED if key in args})
     if "rope_factor" in args:
         out["rope_scaling"] = {
@@ -87,19 +101,16 @@ def read_official_config(folder: Path) -> dict:
             f"{path}: DeepSeek-V4.1 (model_type deepseek_v41) is a different architecture (Engram memory, "
             "cross-layer KV sharing) and is not supported by this converter; use a DeepSeek-V4 checkpoint."
         )
-    if any(key.startswith("dspark_") for key in raw):
-        raise ConversionError(
-            f"{path}: this is a DSpark checkpoint (dspark_* keys): its mtp.* tensors hold a DSpark drafter, not "
-            "the MTP block this plugin implements. Converting it would load the drafter into the MTP block; "
-            "refusing (official-format.md §11)."
-        )
     return raw if path == root else _from_model_args(raw)
 
 
-def plugin_config_from_official(raw: dict, dtype: str) -> DeepseekV4ExtConfig:
-    """Build and validate the plugin config; raises `ConversionError` naming the bad field."""
+def plugin_config_from_official(raw: dict, dtype: str, dspark_stages: int | None = None) -> DeepseekV4ExtConfig:
+    """Build and validate the plugin config; raises `ConversionError` naming the bad field. `dspark_stages`: the
+    DSpark stage count found in the tensors (it overrides the config's)."""
     kwargs = {k: v for k, v in raw.items() if k not in _DROP}
     kwargs.pop("model_type", None)
+    if dspark_stages is not None:
+        kwargs["dspark_num_stages"] = dspark_stages
     quantization = kwargs.pop("quantization_config", None)
     try:
         config = DeepseekV4ExtConfig(**kwargs)
@@ -179,6 +190,10 @@ def official_config_from_plugin(config: DeepseekV4ExtConfig, expert_dtype: str) 
     }
     if expert_dtype == "fp4":
         out["expert_dtype"] = "fp4"
+    if config.dspark_num_stages:
+        out.update({key: getattr(config, key) for key in _DSPARK_KEYS})
+        # As the DSpark releases write it (stale: readers take the stage count from the mtp.* tensors).
+        out["num_nextn_predict_layers"] = 1
     rates = config.compress_rates
     if rates != {"compressed_sparse_attention": 4, "heavily_compressed_attention": 128}:
         # Not an official key: only toy configs use other rates; official files imply 4 / 128.

@@ -6,6 +6,8 @@ scales (`official_scales*.safetensors`, or `*_scale_inv` in `keep` mode): each b
 still exactly representable with its original scale keeps it, so an unchanged model exports bit for bit; changed
 blocks get the official rule's scale. `expert_dtype="fp8"` transcodes FP4 experts losslessly to FP8 per 128x128
 block (official `convert.py --expert-dtype fp8`) and refuses, naming tensor and block, where that is not exact.
+A DSpark drafter (`model.dspark.*`) goes back to the official `mtp.{s}.*` names and dtypes (dspark.md §2.3:
+`main_proj` FP8 with its E8M0 scale, the Markov and confidence weights bf16).
 """
 
 from __future__ import annotations
@@ -96,8 +98,11 @@ def _fp4(weight, hint):
     return _quantize(weight, hint, "fp4")
 
 
-def _official_tensors(name: str, tensor: torch.Tensor, hints: dict, expert_dtype: str, inter: int) -> dict:
-    """Official tensors for one plugin tensor (`hints`: original scales by plugin name, or None)."""
+def _official_tensors(
+    name: str, tensor: torch.Tensor, hints: dict, expert_dtype: str, inter: int, stages: int = 0
+) -> dict:
+    """Official tensors for one plugin tensor (`hints`: original scales by plugin name, or None; `stages`: the
+    DSpark stage count)."""
     expert = plugin_expert_param(name)
     if expert is not None:
         prefix, param = expert
@@ -123,7 +128,7 @@ def _official_tensors(name: str, tensor: torch.Tensor, hints: dict, expert_dtype
         return out
     if name.endswith("_scale_inv") or name.endswith(".official_scale"):
         return {}
-    official = plugin_to_official(name)
+    official = plugin_to_official(name, stages)
     if tensor.dtype == torch.float8_e4m3fn:
         return {official: tensor, scale_name(official): hints[name]}
     if is_fp8_official(official):
@@ -157,10 +162,11 @@ def convert_plugin_to_official(
     if (src / "official_scales.safetensors.index.json").exists() or (src / "official_scales.safetensors").exists():
         scales = SourceCheckpoint(src, "official_scales.safetensors.index.json")
     names = [n for n in source.ordered_names() if not n.endswith("_scale_inv")]
+    stages = config.dspark_num_stages
     for name in names:
         if plugin_expert_param(name) is None:
             try:
-                plugin_to_official(name)
+                plugin_to_official(name, stages)
             except UnknownTensorError:
                 raise ConversionError(
                     f"{src / source.tensors[name].file}: tensor {name!r} is not a DeepSeek-V4 parameter "
@@ -179,7 +185,7 @@ def convert_plugin_to_official(
     sizes: dict[str, int] = {}
     for name in names:
         fake = torch.empty(source.tensors[name].shape, dtype=DTYPES[source.tensors[name].dtype][0], device="meta")
-        for off, t in _planned(name, fake, expert_dtype, inter).items():
+        for off, t in _planned(name, fake, expert_dtype, inter, stages).items():
             sizes[off] = t
     plan = ShardPlan.build(sizes.items(), shard_size)
     report = Report.of(source, plan, dst, dry_run)
@@ -188,11 +194,11 @@ def convert_plugin_to_official(
     out = OutputFolder(dst, plan.total_bytes, resume, progress, "export")
     writer = out.writer(plan, "model", resume)
     for name in names:
-        produced = _planned(name, None, expert_dtype, inter, only_names=True)
+        produced = _planned(name, None, expert_dtype, inter, stages, only_names=True)
         if not any(writer.wants(p) for p in produced):
             continue
         for official, tensor in _official_tensors(
-            name, source.load(name), hints_for(name), expert_dtype, inter
+            name, source.load(name), hints_for(name), expert_dtype, inter, stages
         ).items():
             writer.add(official, tensor)
     writer.finish()
@@ -203,7 +209,9 @@ def convert_plugin_to_official(
     return report
 
 
-def _planned(name: str, fake: torch.Tensor | None, expert_dtype: str, inter: int, only_names: bool = False):
+def _planned(
+    name: str, fake: torch.Tensor | None, expert_dtype: str, inter: int, stages: int = 0, only_names: bool = False
+):
     """Official names (and byte sizes) produced by plugin tensor `name`, from its shape/dtype only."""
     expert = plugin_expert_param(name)
     if expert is not None:
@@ -227,7 +235,7 @@ def _planned(name: str, fake: torch.Tensor | None, expert_dtype: str, inter: int
                     out[official] = r * cols // 2
                     out[scale_name(official)] = r * -(-cols // FP4_GROUP)
         return out
-    official = plugin_to_official(name)
+    official = plugin_to_official(name, stages)
     if only_names:
         return [official]
     shape = fake.shape

@@ -3,7 +3,9 @@
 Streams the source shard by shard (tensors are read one at a time with plain reads, never memory-mapped); an
 output tensor is built as soon as all of its pieces were read (a weight and its `.scale`, or all experts of a
 layer) and written into its planned output shard, so peak memory is about one output shard plus pieces that
-straddle source shards. Everything is validated from the headers before anything is written. Output dtypes:
+straddle source shards. Everything is validated from the headers before anything is written. DSpark releases
+(`-0731`; dspark.md §2.3) convert too: their `mtp.{s}.*` drafter goes to `model.dspark.*`, with the stage count taken
+from the tensors (their `num_nextn_predict_layers: 1` is stale). Output dtypes:
 `bf16` (exact: FP8/FP4 with power-of-two scales need <= 4 significant bits, official-format.md §9 corollary),
 `fp32`, or `keep` (FP8 / packed FP4 data with `*_scale_inv` E8M0 scales, for the quantized modules). In `bf16` /
 `fp32` mode the official scales are kept in `official_scales*.safetensors` so that exporting an unchanged model
@@ -34,7 +36,7 @@ from .checkpoint import (
 )
 from .custom_code import write_custom_code
 from .names import UnknownTensorError, official_to_plugin
-from .official_config import plugin_config_from_official, read_official_config
+from .official_config import is_dspark, plugin_config_from_official, read_official_config
 
 # Side files (and the official `encoding/` folder of Python chat-encoding helpers) copied when the source has them.
 COPIED_FILES = (
@@ -90,24 +92,35 @@ def _expected_state(config) -> dict[str, torch.Size]:
     return {k: v.shape for k, v in model.state_dict().items()}
 
 
-def _map_sources(source: SourceCheckpoint, expected: dict[str, torch.Size], n_mtp: int) -> dict[str, Output]:
+def mtp_stage_count(source: SourceCheckpoint) -> int:
+    """Number of official `mtp.{i}.*` blocks (MTP blocks or DSpark stages), checked to be numbered 0..n-1."""
+    found = sorted({int(name.split(".")[1]) for name in source.tensors if re.match(r"mtp\.\d+\.", name)})
+    if found != list(range(len(found))):
+        raise ConversionError(f"{source.folder}: the mtp.* blocks are numbered {found}; expected 0..{len(found) - 1}.")
+    return len(found)
+
+
+def _map_sources(source: SourceCheckpoint, expected: dict[str, torch.Size], config) -> dict[str, Output]:
     outputs: dict[str, Output] = {}
+    n_mtp, stages = config.num_nextn_predict_layers, config.dspark_num_stages
     for name, info in source.tensors.items():
         if name.endswith(".scale"):
             weight = name[: -len(".scale")] + ".weight"
             if weight not in source.tensors:
                 raise ConversionError(f"{source.folder / info.file}: scale {name!r} has no weight {weight!r}.")
             continue
-        if name.startswith("mtp.") and int(name.split(".")[1]) >= n_mtp:
+        if not stages and name.startswith("mtp.") and int(name.split(".")[1]) >= n_mtp:
             raise ConversionError(
-                f"{source.folder / info.file}: tensor {name!r} belongs to a second mtp block: a DSpark drafter, "
-                "not the MTP block this plugin implements (official-format.md §11); refusing."
+                f"{source.folder / info.file}: tensor {name!r} belongs to mtp block {name.split('.')[1]}, but "
+                f"config.json declares {n_mtp} MTP block(s) and no dspark_* keys; a DSpark drafter's config keys are "
+                "missing (official-format.md §11)."
             )
         try:
-            target = official_to_plugin(name)
+            target = official_to_plugin(name, stages)
         except UnknownTensorError:
+            hint = " (a DSpark drafter tensor? config.json has no dspark_* keys)" if name.startswith("mtp.") else ""
             raise ConversionError(
-                f"{source.folder / info.file}: unknown tensor {name!r}: not part of the DeepSeek-V4 layout."
+                f"{source.folder / info.file}: unknown tensor {name!r}: not part of the DeepSeek-V4 layout{hint}."
             ) from None
         if target.plugin not in expected:
             raise ConversionError(
@@ -132,7 +145,8 @@ def _map_sources(source: SourceCheckpoint, expected: dict[str, torch.Size], n_mt
 
 # Plugin names of the linears the quantized model keeps in FP8 (`quantized_modules.FP8_MODULES`).
 _FP8_TARGET = re.compile(
-    r"\.(self_attn\.(q_a|q_b|kv|o_a|o_b)_proj|indexer\.q_b_proj|shared_experts\.(gate|up|down)_proj|[eh]_proj)\.weight$"
+    r"\.(self_attn\.(q_a|q_b|kv|o_a|o_b)_proj|indexer\.q_b_proj|shared_experts\.(gate|up|down)_proj|[eh]_proj|main_proj)"
+    r"\.weight$"
 )
 _EXPERT_FORMATS = {"I8": "fp4", "F8_E4M3": "fp8", "BF16": None, "F32": None}
 _SCALE_DTYPES = {"F8_E8M0": "float8_e8m0fnu", "F32": "float32"}
@@ -273,6 +287,25 @@ def _meta(source: SourceCheckpoint, name: str) -> torch.Tensor:
     return torch.empty(info.shape, dtype=DTYPES[info.dtype][0], device="meta")
 
 
+def dspark_stages(source: SourceCheckpoint, raw: dict) -> int | None:
+    """The DSpark stage count of a checkpoint with `dspark_*` config keys, from its `mtp.*` tensors; else None."""
+    stages = mtp_stage_count(source)
+    if not is_dspark(raw):
+        drafter = any(name.startswith("mtp.0.main_proj.") for name in source.tensors)
+        if drafter or stages > raw.get("num_nextn_predict_layers", 1):
+            raise ConversionError(
+                f"{source.folder}: the mtp.* tensors ({stages} block(s){', main_proj' if drafter else ''}) are a "
+                "DSpark drafter, but config.json has no dspark_* keys (dspark_block_size, dspark_noise_token_id, "
+                "dspark_target_layer_ids, dspark_markov_rank); use the release's own config.json."
+            )
+        return None
+    if stages == 0:
+        raise ConversionError(
+            f"{source.folder}: config.json has dspark_* keys but the checkpoint has no mtp.* (DSpark drafter) tensors."
+        )
+    return stages
+
+
 def convert_official_to_plugin(
     src: str | Path,
     dst: str | Path,
@@ -287,9 +320,9 @@ def convert_official_to_plugin(
         raise ConversionError(f"--dtype {dtype!r} is not supported; use one of {sorted(OUT_DTYPES)}.")
     src, dst = Path(src), Path(dst)
     raw = read_official_config(src)
-    config = plugin_config_from_official(raw, dtype)
     source = SourceCheckpoint(src)
-    outputs = _map_sources(source, _expected_state(config), config.num_nextn_predict_layers)
+    config = plugin_config_from_official(raw, dtype, dspark_stages(source, raw))
+    outputs = _map_sources(source, _expected_state(config), config)
     _check_shapes(source, outputs, config)
     if dtype == "keep":
         config.dsv4_quantization = _keep_layout(source, outputs)

@@ -22,6 +22,12 @@ default schedule is the official V4-Flash pattern (sliding, sliding, then CSA on
 native's HCA, HCA, then alternating from HCA; without any rope settings the compressed layers get the official YaRN
 (factor 16 over 65536, beta 32 / 1), not native's unscaled default. `expert_dtype` stays a top-level field and is
 not copied into `quantization_config` (native >= 5.21 copies it). DeepSeek-V4.1 (`deepseek_v41`) is refused.
+
+DSpark (`DeepSeek-V4-Flash-0731` / `-Flash-DSpark`; dspark.md §2.2, official-format.md §11): the `dspark_*` keys
+(also a nested `dspark_config` dict and an unprefixed `markov_rank`, as SGLang accepts them) describe the drafter
+that these releases keep under `mtp.*` instead of the MTP block. With them, `num_nextn_predict_layers` is stored as
+0 (the official files keep a stale 1) and `dspark_num_stages` counts the drafter's blocks, which take the trailing
+`compress_ratios` entries (all 0: sliding window only).
 """
 
 import copy
@@ -46,6 +52,16 @@ ROPE_TYPES = ("default", "yarn")
 ACCEPTED_MODEL_TYPES = (None, "deepseek_v4", "deepseek_v4_ext")
 # Keys that only the reference `inference/config.json` (`ModelArgs`) uses.
 _MODEL_ARGS_KEYS = ("dim", "n_layers", "n_heads", "moe_inter_dim", "n_activated_experts", "n_hash_layers")
+# The official DSpark keys (dspark.md §2.2) and the names SGLang also accepts inside a nested `dspark_config`.
+DSPARK_KEYS = ("dspark_block_size", "dspark_noise_token_id", "dspark_target_layer_ids", "dspark_markov_rank")
+_DSPARK_NESTED = {
+    "block_size": "dspark_block_size",
+    "noise_token_id": "dspark_noise_token_id",
+    "mask_token_id": "dspark_noise_token_id",
+    "target_layer_ids": "dspark_target_layer_ids",
+    "markov_rank": "dspark_markov_rank",
+    **{key: key for key in DSPARK_KEYS},
+}
 
 
 # `rope_scaling` of the official root config.json (official-format.md §3), used when a config gives none.
@@ -124,6 +140,11 @@ class DeepseekV4ExtConfig(PreTrainedConfig):
         native `mlp_layer_types` kwarg folds into it), `output_router_logits`, `router_aux_loss_coef`,
         `router_jitter_noise`.
     MTP: `num_nextn_predict_layers`.
+    DSpark drafter (dspark.md §2.2): `dspark_num_stages` (blocks of the drafter, `model.dspark.layers`; 0 = none;
+        with `dspark_*` keys and 0 it is taken from the trailing `compress_ratios` entries), `dspark_block_size` (W,
+        drafted tokens per block), `dspark_noise_token_id` (token filling the draft slots), `dspark_target_layer_ids`
+        (main layers whose outputs feed `main_proj`), `dspark_markov_rank` (rank r of the Markov head). A nested
+        `dspark_config` dict and an unprefixed `markov_rank` kwarg fold into them. Exclusive with MTP.
     Quantization: `expert_dtype` ("fp4", "fp8" or None: format of the routed experts in the checkpoint);
         `quantization_config` is kept verbatim as an extra attribute (not a field). `dsv4_quantization`: layout
         of weights kept quantized in memory (`quantized_modules.QuantizationLayout`: FP8 linears, FP4 / FP8 routed
@@ -179,6 +200,11 @@ class DeepseekV4ExtConfig(PreTrainedConfig):
     index_head_dim: int = 128
     index_topk: int = 512
     num_nextn_predict_layers: int = 1
+    dspark_num_stages: int = 0
+    dspark_block_size: int | None = None
+    dspark_noise_token_id: int | None = None
+    dspark_target_layer_ids: list[int] | None = None
+    dspark_markov_rank: int | None = None
 
     output_router_logits: bool = False
     router_aux_loss_coef: float = 0.001
@@ -216,11 +242,13 @@ class DeepseekV4ExtConfig(PreTrainedConfig):
         mlp_layer_types = kwargs.pop("mlp_layer_types", None)
         qk_rope_head_dim = kwargs.pop("qk_rope_head_dim", None)
         rope_scaling = kwargs.pop("rope_scaling", None)
+        self._resolve_dspark(kwargs.pop("dspark_config", None), kwargs.pop("markov_rank", None))
         for field, value in (("num_hidden_layers", self.num_hidden_layers), ("head_dim", self.head_dim)):
             if value < 1:
                 _fail(field, value, "expected an int >= 1")
-        if self.num_nextn_predict_layers < 0:
-            _fail("num_nextn_predict_layers", self.num_nextn_predict_layers, "expected an int >= 0")
+        for field in ("num_nextn_predict_layers", "dspark_num_stages"):
+            if getattr(self, field) < 0:
+                _fail(field, getattr(self, field), "expected an int >= 0")
         self._resolve_schedule(csa_rate, hca_rate)
         self._resolve_hash_layers(mlp_layer_types)
         self._resolve_rope(qk_rope_head_dim, rope_scaling)
@@ -228,6 +256,34 @@ class DeepseekV4ExtConfig(PreTrainedConfig):
         self._check_values()
 
     # ---- normalisation ------------------------------------------------------------------------------------------
+
+    def _resolve_dspark(self, nested: dict | None, markov_rank: int | None) -> None:
+        if nested is not None and not isinstance(nested, dict):
+            _fail("dspark_config", nested, "expected a dict")
+        sources = [(f"dspark_config[{k!r}]", _DSPARK_NESTED.get(k), v) for k, v in (nested or {}).items()]
+        unknown = [label for label, field, _ in sources if field is None]
+        if unknown:
+            _fail("dspark_config", nested, f"unknown keys {unknown}; expected keys from {sorted(_DSPARK_NESTED)}")
+        if markov_rank is not None:
+            sources.append(("markov_rank", "dspark_markov_rank", markov_rank))
+        for label, field, value in sources:
+            if getattr(self, field) is not None and getattr(self, field) != value:
+                _fail(field, getattr(self, field), f"it disagrees with `{label}`={value!r}")
+            setattr(self, field, value)
+        if not self.dspark_num_stages and all(getattr(self, key) is None for key in DSPARK_KEYS):
+            return
+        # The official DSpark files keep a stale `num_nextn_predict_layers: 1`: their mtp.* blocks are the drafter.
+        self.num_nextn_predict_layers = 0
+        if self.dspark_num_stages == 0:
+            extra = len(self.compress_ratios) - self.num_hidden_layers if self.compress_ratios is not None else 0
+            if extra < 1:
+                _fail(
+                    "dspark_num_stages",
+                    0,
+                    "the dspark_* keys need a drafter: set the number of stages, or give `compress_ratios` with one "
+                    "trailing entry per stage (the official files do)",
+                )
+            self.dspark_num_stages = extra
 
     def _resolve_schedule(self, csa_rate: int | None, hca_rate: int | None) -> None:
         rates = dict(DEFAULT_COMPRESS_RATES if self.compress_rates is None else self.compress_rates)
@@ -237,14 +293,17 @@ class DeepseekV4ExtConfig(PreTrainedConfig):
             rates[HCA] = hca_rate
         _check_compress_rates(rates)
         self.compress_rates = rates
-        n, n_mtp = self.num_hidden_layers, self.num_nextn_predict_layers
+        n, n_mtp = self.num_hidden_layers, self.num_nextn_predict_layers + self.dspark_num_stages
         ratio_of = {SLIDING: 0, CSA: rates[CSA], HCA: rates[HCA]}
         if self.compress_ratios is not None:
             ratios = list(self.compress_ratios)
             if len(ratios) == n:
                 ratios += [0] * n_mtp
             elif len(ratios) != n + n_mtp:
-                expected = f"expected {n} (layers) or {n + n_mtp} (layers + MTP blocks) entries, got {len(ratios)}"
+                expected = (
+                    f"expected {n} (layers) or {n + n_mtp} (layers + MTP blocks / DSpark stages) entries, "
+                    f"got {len(ratios)}"
+                )
                 _fail("compress_ratios", ratios, expected)
         elif self.layer_types is not None:
             self._check_layer_types(self.layer_types)
@@ -345,16 +404,47 @@ class DeepseekV4ExtConfig(PreTrainedConfig):
 
     def _check_schedule(self) -> None:
         _check_compress_rates(self.compress_rates)
-        n_total = self.num_hidden_layers + self.num_nextn_predict_layers
+        if self.dspark_num_stages and self.num_nextn_predict_layers:
+            expected = "a DSpark checkpoint has no MTP block (its mtp.* tensors are the drafter); use 0"
+            _fail("num_nextn_predict_layers", self.num_nextn_predict_layers, expected)
+        n_total = self.num_hidden_layers + self.num_nextn_predict_layers + self.dspark_num_stages
         if self.compress_ratios is None or len(self.compress_ratios) != n_total:
-            _fail("compress_ratios", self.compress_ratios, f"expected {n_total} entries (layers + MTP blocks)")
+            expected = f"expected {n_total} entries (layers + MTP blocks + DSpark stages)"
+            _fail("compress_ratios", self.compress_ratios, expected)
         self._check_ratios(self.compress_ratios)
+        if self.dspark_num_stages and any(self.compress_ratios[n_total - self.dspark_num_stages :]):
+            expected = f"the last {self.dspark_num_stages} entries are the DSpark stages, which are sliding only (0)"
+            _fail("compress_ratios", self.compress_ratios, expected)
         self._check_layer_types(self.layer_types)
         if list(self.layer_types) != self._types_from_ratios(self.compress_ratios):
             _fail("layer_types", self.layer_types, f"it disagrees with `compress_ratios`={self.compress_ratios}")
 
+    def _check_dspark(self) -> None:
+        stages, values = self.dspark_num_stages, {key: getattr(self, key) for key in DSPARK_KEYS}
+        if not _is_int(stages) or stages < 0:
+            _fail("dspark_num_stages", stages, "expected an int >= 0")
+        if stages == 0:
+            given = [key for key, value in values.items() if value is not None]
+            if given:
+                _fail(given[0], values[given[0]], "the dspark_* keys describe a drafter but `dspark_num_stages` is 0")
+            return
+        for key, value in values.items():
+            if value is None:
+                _fail(key, value, f"a DSpark drafter (dspark_num_stages={stages}) needs all of {list(DSPARK_KEYS)}")
+        for key in ("dspark_block_size", "dspark_markov_rank"):
+            if not _is_int(values[key]) or values[key] < 1:
+                _fail(key, values[key], "expected an int >= 1")
+        noise = values["dspark_noise_token_id"]
+        if not _is_int(noise) or not 0 <= noise < self.vocab_size:
+            _fail("dspark_noise_token_id", noise, f"expected a token id in [0, {self.vocab_size}) (vocab_size)")
+        ids, n = values["dspark_target_layer_ids"], self.num_hidden_layers
+        ok = isinstance(ids, list) and len(ids) > 0 and all(_is_int(i) and 0 <= i < n for i in ids)
+        if not ok or any(a >= b for a, b in zip(ids, ids[1:])):
+            _fail("dspark_target_layer_ids", ids, f"expected strictly increasing layer ids in [0, {n}) (main layers)")
+
     def _check_values(self) -> None:
         self._check_schedule()
+        self._check_dspark()
         for field in ("sliding_window", "hc_mult", "hc_sinkhorn_iters", "index_topk", "o_groups"):
             if getattr(self, field) < 1:
                 _fail(field, getattr(self, field), "expected an int >= 1")
@@ -419,16 +509,25 @@ class DeepseekV4ExtConfig(PreTrainedConfig):
     # ---- helpers --------------------------------------------------------------------------------------------------
 
     def layer_compress_ratio(self, layer_idx: int) -> int:
-        """Compression ratio of block `layer_idx` (0: sliding only, else the CSA / HCA rate); MTP blocks last."""
+        """Compression ratio of block `layer_idx` (0: sliding only, else the CSA / HCA rate); MTP blocks or DSpark
+        stages last."""
         if not 0 <= layer_idx < len(self.compress_ratios):
-            raise IndexError(f"layer_idx {layer_idx} is out of range [0, {len(self.compress_ratios)}) (layers + MTP)")
+            raise IndexError(
+                f"layer_idx {layer_idx} is out of range [0, {len(self.compress_ratios)}) (layers + MTP / DSpark)"
+            )
         return self.compress_ratios[layer_idx]
 
     def is_hash_layer(self, layer_idx: int) -> bool:
-        """Whether block `layer_idx` routes by the frozen `tid2eid` table; always False for MTP blocks."""
+        """Whether block `layer_idx` routes by the frozen `tid2eid` table; always False for MTP / DSpark blocks."""
         if not 0 <= layer_idx < len(self.compress_ratios):
-            raise IndexError(f"layer_idx {layer_idx} is out of range [0, {len(self.compress_ratios)}) (layers + MTP)")
+            raise IndexError(
+                f"layer_idx {layer_idx} is out of range [0, {len(self.compress_ratios)}) (layers + MTP / DSpark)"
+            )
         return layer_idx < self.num_hash_layers
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _rename_type(params: dict[str, Any]) -> dict[str, Any]:

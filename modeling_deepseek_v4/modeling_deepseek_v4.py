@@ -30,6 +30,7 @@ from .cache import DeepseekV4Cache, DeepseekV4LayerCache
 from .compat import cache_kwargs, pick_cache, with_cache_aliases
 from .compressor import DeepseekV4HCACompressor
 from .configuration_deepseek_v4 import DeepseekV4ExtConfig
+from .dspark import DeepseekV4DSparkDrafter
 from .generation_hooks import DeepseekV4GenerationHooks
 from .hyper_connection import DeepseekV4HyperConnection, DeepseekV4HyperHead, DeepseekV4RMSNorm
 from .losses import router_balance_loss
@@ -258,6 +259,8 @@ class DeepseekV4ExtModel(DeepseekV4ExtPreTrainedModel):
         self.hc_head = DeepseekV4HyperHead(config)
         n = config.num_hidden_layers
         self.mtp = nn.ModuleList(DeepseekV4MTPLayer(config, n + i) for i in range(config.num_nextn_predict_layers))
+        # DSpark releases (0731) keep a drafter under the official mtp.* instead of the MTP block (dspark.py).
+        self.dspark = DeepseekV4DSparkDrafter(config, DeepseekV4DecoderLayer) if config.dspark_num_stages else None
         self.rope_tables = RopeTables(config.rope_parameters, config.qk_rope_head_dim)
         self.gradient_checkpointing = False
         build_quantized_modules(self, config)

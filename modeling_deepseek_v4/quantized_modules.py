@@ -26,13 +26,15 @@ from .moe import DeepseekV4Experts
 from .ops import quantized_linear
 from .quant_formats import FP4_GROUP, FP8_BLOCK, dequantize_weight, quantize_fp4, quantize_fp8_blocks
 
-# Modules the official checkpoints store in FP8, by owner class (official-format.md §6.2-6.3). `o_a_proj` is FP8 in
-# the checkpoint but the reference runs it with a bf16 weight and no activation quantization.
+# Modules the official checkpoints store in FP8, by owner class (official-format.md §6.2-6.3; DSpark `main_proj`:
+# dspark.md §2.3). `o_a_proj` is FP8 in the checkpoint but the reference runs it with a bf16 weight and no
+# activation quantization.
 FP8_MODULES = {
     "DeepseekV4Attention": ("q_a_proj", "q_b_proj", "kv_proj", "o_a_proj", "o_b_proj"),
     "DeepseekV4Indexer": ("q_b_proj",),
     "DeepseekV4MLP": ("gate_proj", "up_proj", "down_proj"),
     "DeepseekV4MTPLayer": ("e_proj", "h_proj"),
+    "DeepseekV4DSparkDrafter": ("main_proj",),
 }
 WEIGHT_FORMATS = (None, "fp8")
 EXPERT_FORMATS = (None, "fp4", "fp8")

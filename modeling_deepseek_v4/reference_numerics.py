@@ -28,6 +28,7 @@ R1_LINEARS = {
     "DeepseekV4Indexer": ("q_b_proj",),
     "DeepseekV4MLP": ("gate_proj", "up_proj", "down_proj"),
     "DeepseekV4MTPLayer": ("e_proj", "h_proj"),
+    "DeepseekV4DSparkDrafter": ("main_proj",),
 }
 _HOOK = "_dsv4_r1_hook"
 

@@ -11,9 +11,11 @@ Hub snapshot and returns an `OfficialCheckpoint` with
 - `official`: every tensor exactly as written (official names, no prefix; FP8 `float8_e4m3fn` + `<module>.scale`
   `float8_e8m0fnu` per 128x128 block, FP4 experts as packed int8 + 1x32 E8M0 scales, BF16, F32, I64);
 - `reference`: what a correct converter must produce in fp32 mode: native names (`model.` prefix, `lm_head`,
-  MTP under `model.mtp.K.`), every float dequantized exactly to fp32, routed experts fused into
-  `mlp.experts.gate_up_proj` [E, 2I, d] (w1 then w3) and `mlp.experts.down_proj` [E, d, I]. It matches
-  `DeepseekV4ExtForCausalLM(config).state_dict()` key for key and shape for shape.
+  MTP under `model.mtp.K.`, a DSpark drafter under `model.dspark.`), every float dequantized exactly to fp32, routed
+  experts fused into `mlp.experts.gate_up_proj` [E, 2I, d] (w1 then w3) and `mlp.experts.down_proj` [E, d, I]. It
+  matches `DeepseekV4ExtForCausalLM(config).state_dict()` key for key and shape for shape, where `config` is the
+  plugin config given, or for `dspark=True` the one read from the written root config
+  (`DeepseekV4ExtConfig.from_dict(ckpt.config)`).
 
 Spec choices made here (see official-format.md):
 
@@ -24,10 +26,13 @@ Spec choices made here (see official-format.md):
   shards (worst cases of real checkpoints a loader must survive). `n_shards=2` gets both from one cut.
 - Base variant (`expert_format="fp8"`): routed experts in FP8 128x128 blocks with float32 (power-of-two) scales and
   no `expert_dtype` key (official-format.md §2, unverified upstream).
-- DSpark (`dspark=True`, §11): `dspark_*` config keys, extra `mtp.1.*` tensors of an arbitrary made-up layout and one
-  extra trailing 0 in `compress_ratios` per extra block (as the 0731 config: 46 entries) while
-  `num_nextn_predict_layers` stays 1. The `mtp.1.*` tensors are NOT part of `reference` (see
-  `OfficialCheckpoint.extra`).
+- DSpark (`dspark=True`; the `-0731` / `-Flash-DSpark` contract of dspark.md §2.2-2.3): no MTP block; instead
+  `mtp.{0,1,2}.*` are three full blocks (sliding only, learned gate with bias, FP4 experts, FP8 attention and shared
+  experts) plus `mtp.0.main_proj` (FP8 [d, k d], k = number of target layers) and `mtp.0.main_norm`, and on the
+  last stage `norm`, `hc_head_{fn,base,scale}`, `markov_head.markov_w1/markov_w2.weight` (bf16 [V, r]) and
+  `confidence_head.proj.weight` (bf16 [1, d + r]). Config: the four `dspark_*` keys, `compress_ratios` with
+  num_hidden_layers + 3 entries whose last 3 are 0, and the stale `num_nextn_predict_layers: 1`. Block tensors are
+  written stage by stage, `main_proj` / `main_norm` before stage 0 and the head extras after the last stage.
 """
 
 from __future__ import annotations
@@ -88,7 +93,7 @@ class OfficialCheckpoint:
     reference: dict[str, torch.Tensor]  # native names, fp32 (int64 tid2eid), loads strictly into the plugin model
     weight_map: dict[str, str]  # official name -> shard file name (as in the index json)
     files: list[Path]  # every file written (shards, index, configs, tokenizer files, chat template, encoding/)
-    extra: list[str] = field(default_factory=list)  # official names with no reference counterpart (DSpark mtp.1.*)
+    dspark: list[str] = field(default_factory=list)  # official names of the DSpark drafter (`mtp.*`), file order
 
     @property
     def shards(self) -> list[Path]:
@@ -264,13 +269,38 @@ def _hc_head(b: _Builder, cfg, off: str, nat: str) -> None:
     b.f32(f"{off}hc_head_scale", f"{nat}hc_scale", 1, std=0.5)
 
 
+DSPARK_STAGES = 3
+DSPARK_MARKOV_RANK = 8
+
+
+def _dspark_keys(cfg) -> dict:
+    """The four official DSpark config keys (dspark.md §2.2) at tiny scale; targets are the last three layers."""
+    n = cfg.num_hidden_layers
+    return {
+        "dspark_block_size": 5,
+        "dspark_noise_token_id": cfg.vocab_size - 1,
+        "dspark_target_layer_ids": list(range(max(0, n - 3), n)),
+        "dspark_markov_rank": DSPARK_MARKOV_RANK,
+    }
+
+
 def _dspark_tensors(b: _Builder, cfg) -> list[str]:
-    """An arbitrary stand-in for a DSpark drafter block `mtp.1.*` (real layout unverified, §11)."""
-    d = cfg.hidden_size
+    """The DSpark drafter `mtp.{0..2}.*` of the 0731 release (dspark.md §2.3); native names under `model.dspark.`."""
+    d, vocab = cfg.hidden_size, cfg.vocab_size
+    keys = _dspark_keys(cfg)
+    rank, taps = keys["dspark_markov_rank"], len(keys["dspark_target_layer_ids"])
     before = set(b.official)
-    b.fp8("mtp.1.fc", None, d, 3 * d)
-    b.bf16("mtp.1.markov.weight", None, 8, d)
-    b.bf16("mtp.1.norm.weight", None, d, norm=True)
+    b.fp8("mtp.0.main_proj", "model.dspark.main_proj.weight", d, taps * d)
+    b.bf16("mtp.0.main_norm.weight", "model.dspark.main_norm.weight", d, norm=True)
+    for s in range(DSPARK_STAGES):
+        # A full V4 block: sliding only (ratio 0) and score-routed (gate bias, no tid2eid) like the MTP block.
+        _block(b, cfg, f"mtp.{s}.", f"model.dspark.layers.{s}.", 0, False, mtp=False)
+    last = f"mtp.{DSPARK_STAGES - 1}."
+    b.bf16(f"{last}norm.weight", "model.dspark.norm.weight", d, norm=True)
+    _hc_head(b, cfg, last, "model.dspark.hc_head.")
+    for w in ("markov_w1", "markov_w2"):
+        b.bf16(f"{last}markov_head.{w}.weight", f"model.dspark.markov_head.{w}.weight", vocab, rank)
+    b.bf16(f"{last}confidence_head.proj.weight", "model.dspark.confidence_head.proj.weight", 1, d + rank)
     return [name for name in b.official if name not in before]
 
 
@@ -349,12 +379,10 @@ def official_config_dict(cfg, *, expert_format: str = "fp4", dspark: bool = Fals
         # which a loader cannot infer from `compress_ratios` alone, so they are spelled out in native form.
         out["compress_rates"] = rates
     if dspark:
-        # §11: DSpark keys; one extra trailing 0 per extra drafter block while num_nextn_predict_layers stays 1
-        out["compress_ratios"] = ratios + [0]
-        out["dspark_block_size"] = 5
-        out["dspark_noise_token_id"] = cfg.vocab_size - 1
-        out["dspark_target_layer_ids"] = [max(0, cfg.num_hidden_layers - k) for k in (3, 2, 1)]
-        out["dspark_markov_rank"] = 8
+        # dspark.md §2.2: one trailing 0 per drafter stage (0731: 46 entries) and the stale MTP count of 1.
+        out["compress_ratios"] = ratios[: cfg.num_hidden_layers] + [0] * DSPARK_STAGES
+        out["num_nextn_predict_layers"] = 1
+        out.update(_dspark_keys(cfg))
     return dict(sorted(out.items()))
 
 
@@ -462,9 +490,10 @@ def make_official_checkpoint(
     """Write a synthetic official-layout checkpoint for `plugin_config` into `folder` (created if needed).
 
     expert_format: "fp4" (instruct releases: packed I8 + E8M0 1x32 scales, `expert_dtype: "fp4"`) or "fp8" (Base
-    releases: FP8 128x128 blocks with float32 scales, no `expert_dtype`). dspark adds a DSpark-like `mtp.1.*` and
-    `dspark_*` keys. extra_files writes `generation_config.json`, `tokenizer.json`, `tokenizer_config.json`,
-    `special_tokens_map.json`, `chat_template.jinja` and an `encoding/` folder.
+    releases: FP8 128x128 blocks with float32 scales, no `expert_dtype`). dspark writes a DSpark release: the
+    drafter's `mtp.{0,1,2}.*` instead of the MTP block, and the `dspark_*` keys. extra_files writes
+    `generation_config.json`, `tokenizer.json`, `tokenizer_config.json`, `special_tokens_map.json`,
+    `chat_template.jinja` and an `encoding/` folder.
     """
     if expert_format not in ("fp4", "fp8"):
         raise ValueError(f'expert_format must be "fp4" or "fp8", got {expert_format!r}')
@@ -484,9 +513,9 @@ def make_official_checkpoint(
     b.bf16("norm.weight", "model.norm.weight", d, norm=True)
     _hc_head(b, cfg, "", "model.hc_head.")
     b.bf16("head.weight", "lm_head.weight", cfg.vocab_size, d)
-    for k in range(n_mtp):
+    for k in range(0 if dspark else n_mtp):
         _block(b, cfg, f"mtp.{k}.", f"model.mtp.{k}.", ratios[n_layers + k], False, mtp=True)
-    extra = _dspark_tensors(b, cfg) if dspark else []
+    drafter = _dspark_tensors(b, cfg) if dspark else []
 
     names = list(b.official)
     bounds = [0, *_cuts(names, cfg, n_shards), len(names)]
@@ -513,7 +542,7 @@ def make_official_checkpoint(
             (folder / fname).parent.mkdir(exist_ok=True)
             (folder / fname).write_text(text, encoding="utf-8")
             files.append(folder / fname)
-    return OfficialCheckpoint(folder, config, b.official, b.reference, weight_map, files, extra)
+    return OfficialCheckpoint(folder, config, b.official, b.reference, weight_map, files, drafter)
 
 
 # ---- damage helpers for negative tests ---------------------------------------------------------------------------

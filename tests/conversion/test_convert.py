@@ -227,18 +227,13 @@ def test_shape_contradicting_config(tmp_path, official):
     _assert_clean_failure(tmp_path, official, r"layers\.0\.attn\.(wq_a|q_norm|wq_b)\.weight.*shape")
 
 
-@pytest.mark.parametrize("variant", ["v41", "dspark"])
-def test_unsupported_variants_are_refused(tmp_path, variant):
-    if variant == "dspark":
-        official = make_official_checkpoint(tmp_path / "official", tiny_config(), n_shards=2, dspark=True)
-        match = "DSpark"
-    else:
-        official = make_official_checkpoint(tmp_path / "official", tiny_config(), n_shards=2)
-        config = json.loads((official.folder / "config.json").read_text())
-        config["model_type"] = "deepseek_v41"
-        (official.folder / "config.json").write_text(json.dumps(config))
-        match = "V4.1"
-    _assert_clean_failure(tmp_path, official, match)
+def test_deepseek_v41_is_refused(tmp_path):
+    # DSpark releases (0731) convert: tests/conversion/test_dspark_checkpoint.py.
+    official = make_official_checkpoint(tmp_path / "official", tiny_config(), n_shards=2)
+    config = json.loads((official.folder / "config.json").read_text())
+    config["model_type"] = "deepseek_v41"
+    (official.folder / "config.json").write_text(json.dumps(config))
+    _assert_clean_failure(tmp_path, official, "V4.1")
 
 
 def test_cli_reports_errors_with_exit_code(tmp_path, capsys):

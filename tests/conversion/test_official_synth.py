@@ -417,18 +417,51 @@ def test_side_files(flash_ckpt):
 
 
 def test_dspark_variant(tmp_path):
+    """The 0731 / -Flash-DSpark contract (dspark.md §2.2-2.3): no MTP block; three full sliding-only blocks
+    `mtp.{0,1,2}.*` with learned gates, plus `main_proj` / `main_norm` on stage 0 and the head extras on stage 2."""
     cfg = tiny_config("flash")
     ckpt = make_official_checkpoint(tmp_path, cfg, dspark=True)
-    assert {k for k in ckpt.config if k.startswith("dspark_")} == {
-        "dspark_block_size", "dspark_noise_token_id", "dspark_target_layer_ids", "dspark_markov_rank"
+    n, d, vocab, n_exp, hc = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size, cfg.n_routed_experts, cfg.hc_mult
+    rank = ckpt.config["dspark_markov_rank"]
+    assert {k: v for k, v in ckpt.config.items() if k.startswith("dspark_")} == {
+        "dspark_block_size": 5, "dspark_noise_token_id": vocab - 1, "dspark_target_layer_ids": [n - 3, n - 2, n - 1],
+        "dspark_markov_rank": rank,
     }  # fmt: skip
-    assert ckpt.config["num_nextn_predict_layers"] == 1
-    assert len(ckpt.config["compress_ratios"]) == cfg.num_hidden_layers + 2
-    assert ckpt.extra and all(n.startswith("mtp.1.") for n in ckpt.extra)
-    assert set(ckpt.extra) <= set(read_folder(tmp_path))
-    assert "mtp.1.fc.scale" in ckpt.extra
-    assert not any(".mtp.1." in n for n in ckpt.reference)
-    DeepseekV4ExtForCausalLM(cfg).load_state_dict(ckpt.reference, strict=True)
+    assert ckpt.config["num_nextn_predict_layers"] == 1  # stale, as in the release
+    assert ckpt.config["compress_ratios"] == cfg.compress_ratios[:n] + [0, 0, 0]
+    official = read_folder(tmp_path)
+    drafter = [name for name in official if name.startswith("mtp.")]
+    assert sorted(drafter) == sorted(ckpt.dspark)
+    # dspark.md §2.3 count: per stage 2 norms + 6 hc + 13 attention + 2 gate + 6 E expert + 6 shared-expert
+    # tensors, then main_proj (weight, scale), main_norm and 7 head extras (4,705 for the real 256 experts).
+    assert len(drafter) == 3 * (29 + 6 * n_exp) + 10
+    assert 3 * (29 + 6 * 256) + 10 == 4705
+    f8, e8, bf16, f32 = torch.float8_e4m3fn, torch.float8_e8m0fnu, torch.bfloat16, torch.float32
+    expected = {
+        "mtp.0.main_proj.weight": (f8, (d, 3 * d)),
+        "mtp.0.main_proj.scale": (e8, (math.ceil(d / 128), math.ceil(3 * d / 128))),
+        "mtp.0.main_norm.weight": (bf16, (d,)),
+        "mtp.2.norm.weight": (bf16, (d,)),
+        "mtp.2.hc_head_fn": (f32, (hc, hc * d)),
+        "mtp.2.hc_head_base": (f32, (hc,)),
+        "mtp.2.hc_head_scale": (f32, (1,)),
+        "mtp.2.markov_head.markov_w1.weight": (bf16, (vocab, rank)),
+        "mtp.2.markov_head.markov_w2.weight": (bf16, (vocab, rank)),
+        "mtp.2.confidence_head.proj.weight": (bf16, (1, d + rank)),
+        "mtp.1.ffn.gate.bias": (f32, (n_exp,)),
+        "mtp.1.ffn.experts.0.w1.weight": (torch.int8, (cfg.moe_intermediate_size, d // 2)),
+        "mtp.1.attn.wq_a.weight": (f8, (cfg.q_lora_rank, d)),
+        "mtp.1.hc_attn_fn": (f32, ((2 + hc) * hc, hc * d)),
+    }
+    for name, (dtype, shape) in expected.items():
+        assert official[name].dtype == dtype and tuple(official[name].shape) == shape, name
+    for s in range(3):
+        assert f"mtp.{s}.ffn.gate.tid2eid" not in official and f"mtp.{s}.e_proj.weight" not in official
+        assert not any(k.startswith((f"mtp.{s}.attn.compressor.", f"mtp.{s}.attn.indexer.")) for k in official)
+    assert "mtp.1.main_proj.weight" not in official and "mtp.0.norm.weight" not in official
+    plugin = DeepseekV4ExtConfig.from_dict(ckpt.config)
+    assert (plugin.dspark_num_stages, plugin.num_nextn_predict_layers) == (3, 0)
+    DeepseekV4ExtForCausalLM(plugin).load_state_dict(ckpt.reference, strict=True)
 
 
 # ---- damage helpers --------------------------------------------------------------------------------------------

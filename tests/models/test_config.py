@@ -101,6 +101,28 @@ def official_flash() -> dict:
     return copy.deepcopy(OFFICIAL_FLASH)
 
 
+# DSpark keys of the `-0731` / `-Flash-DSpark` root config.json (dspark.md §2.2).
+DSPARK_0731 = {
+    "dspark_block_size": 5,
+    "dspark_noise_token_id": 128799,
+    "dspark_target_layer_ids": [40, 41, 42],
+    "dspark_markov_rank": 256,
+}
+TINY_DSPARK = {
+    "dspark_block_size": 5,
+    "dspark_noise_token_id": 255,
+    "dspark_target_layer_ids": [1, 2, 3],
+    "dspark_markov_rank": 8,
+}
+
+
+def official_0731() -> dict:
+    """The 0731 root config: V4-Flash plus the DSpark keys, 46 `compress_ratios`, the stale MTP count of 1."""
+    config = {**official_flash(), **copy.deepcopy(DSPARK_0731)}
+    config["compress_ratios"] = FLASH_RATIOS[:-1] + [0, 0, 0]
+    return config
+
+
 def test_defaults_are_v4_flash():
     config = DeepseekV4ExtConfig()
     assert config.model_type == "deepseek_v4_ext"
@@ -240,11 +262,12 @@ def test_native_loads_plugin_dict():
     assert native.qk_rope_head_dim == config.qk_rope_head_dim
 
 
-@pytest.mark.parametrize("source", ["default", "official", "tiny"])
+@pytest.mark.parametrize("source", ["default", "official", "tiny", "official_0731"])
 def test_save_load_round_trip_is_idempotent(tmp_path, source):
     config = {
         "default": DeepseekV4ExtConfig,
         "official": lambda: DeepseekV4ExtConfig.from_dict(official_flash()),
+        "official_0731": lambda: DeepseekV4ExtConfig.from_dict(official_0731()),
         "tiny": lambda: tiny(expert_dtype="fp8", attn_chunk_size=16, indexer_chunk_size=8, ops_backend="reference"),
     }[source]()
     config.save_pretrained(tmp_path)
@@ -335,6 +358,23 @@ INVALID = [
     ("mlp_layer_types", {"mlp_layer_types": ["hash_moe", "dense", "moe", "moe"]}),
     ("num_hash_layers", {"mlp_layer_types": ["hash_moe", "moe", "moe", "moe"], "num_hash_layers": 2}),
     ("rope_type", {"rope_scaling": {"type": "llama3", "factor": 8.0}}),
+    ("dspark_num_stages", {"dspark_num_stages": -1}),
+    ("dspark_target_layer_ids", {**TINY_DSPARK, "dspark_target_layer_ids": [1, 2, 4], "dspark_num_stages": 3}),
+    ("dspark_target_layer_ids", {**TINY_DSPARK, "dspark_target_layer_ids": [3, 2, 1], "dspark_num_stages": 3}),
+    ("dspark_target_layer_ids", {**TINY_DSPARK, "dspark_target_layer_ids": [], "dspark_num_stages": 3}),
+    ("dspark_target_layer_ids", {**TINY_DSPARK, "dspark_target_layer_ids": [-1, 2], "dspark_num_stages": 3}),
+    ("dspark_noise_token_id", {**TINY_DSPARK, "dspark_noise_token_id": 256, "dspark_num_stages": 3}),
+    ("dspark_markov_rank", {**TINY_DSPARK, "dspark_markov_rank": 0, "dspark_num_stages": 3}),
+    ("dspark_block_size", {**TINY_DSPARK, "dspark_block_size": 0, "dspark_num_stages": 3}),
+    ("dspark_markov_rank", {**TINY_DSPARK, "dspark_markov_rank": None, "dspark_num_stages": 3}),
+    ("dspark_markov_rank", {"dspark_num_stages": 3}),
+    ("dspark_num_stages", {**TINY_DSPARK, "compress_ratios": [0, 0, 4, 128]}),
+    ("compress_ratios", {**TINY_DSPARK, "compress_ratios": [0, 0, 4, 128, 0, 4, 0]}),
+    ("compress_ratios", {**TINY_DSPARK, "compress_ratios": [0, 0, 4, 128, 0], "dspark_num_stages": 3}),
+    ("dspark_markov_rank", {**TINY_DSPARK, "dspark_num_stages": 3, "markov_rank": 16}),
+    ("dspark_noise_token_id", {**TINY_DSPARK, "dspark_num_stages": 3, "dspark_config": {"mask_token_id": 3}}),
+    ("dspark_config", {**TINY_DSPARK, "dspark_num_stages": 3, "dspark_config": {"gamma": 5}}),
+    ("dspark_config", {**TINY_DSPARK, "dspark_num_stages": 3, "dspark_config": [5]}),
 ]
 
 
@@ -364,3 +404,50 @@ def test_deepseek_v41_refused(extra):
 def test_reference_inference_config_refused():
     with pytest.raises(ValueError, match="inference/config.json"):
         DeepseekV4ExtConfig(dim=4096, n_layers=43, n_heads=64)
+
+
+# ---- DSpark (`-0731` / `-Flash-DSpark`, dspark.md §2.2) --------------------------------------------------------
+
+
+def test_official_0731_root_config():
+    config = DeepseekV4ExtConfig.from_dict(official_0731())
+    # The three trailing compress_ratios are the drafter's stages; the file's `num_nextn_predict_layers: 1` is stale.
+    assert (config.dspark_num_stages, config.num_nextn_predict_layers) == (3, 0)
+    assert config.compress_ratios == FLASH_RATIOS[:-1] + [0, 0, 0] and len(config.layer_types) == 43
+    assert [config.layer_compress_ratio(i) for i in (43, 44, 45)] == [0, 0, 0]
+    assert not any(config.is_hash_layer(i) for i in (43, 44, 45))
+    for key, value in DSPARK_0731.items():
+        assert getattr(config, key) == value, key
+    plain = DeepseekV4ExtConfig.from_dict(official_flash())
+    assert (plain.dspark_num_stages, plain.num_nextn_predict_layers, plain.dspark_markov_rank) == (0, 1, None)
+
+
+def test_dspark_aliases_fold_in():
+    """A nested `dspark_config` and an unprefixed `markov_rank` (as SGLang accepts them) equal the official keys."""
+    raw = official_0731()
+    for key in DSPARK_0731:
+        del raw[key]
+    raw["dspark_config"] = {"block_size": 5, "mask_token_id": 128799, "target_layer_ids": [40, 41, 42]}
+    raw["markov_rank"] = 256
+    config = DeepseekV4ExtConfig.from_dict(raw)
+    assert config.to_dict() == DeepseekV4ExtConfig.from_dict(official_0731()).to_dict()
+    assert not hasattr(config, "dspark_config") and not hasattr(config, "markov_rank")
+
+
+def test_dspark_stage_count_given_explicitly():
+    config = tiny(compress_ratios=[0, 0, 4, 128], dspark_num_stages=2, **TINY_DSPARK)
+    assert config.compress_ratios == [0, 0, 4, 128, 0, 0] and config.num_nextn_predict_layers == 0
+    # The stage count wins over a stale MTP count; compress_ratios then needs one entry per stage.
+    config = tiny(compress_ratios=[0, 0, 4, 128, 0, 0], dspark_num_stages=2, num_nextn_predict_layers=1, **TINY_DSPARK)
+    assert (config.dspark_num_stages, config.num_nextn_predict_layers) == (2, 0)
+
+
+def test_dspark_validate_rechecks_after_edit():
+    config = tiny(dspark_num_stages=3, **TINY_DSPARK)
+    config.num_nextn_predict_layers = 1
+    with pytest.raises(Exception, match="num_nextn_predict_layers"):
+        config.validate()
+    config = tiny(dspark_num_stages=3, **TINY_DSPARK)
+    config.dspark_target_layer_ids = [1, 9]
+    with pytest.raises(Exception, match="dspark_target_layer_ids"):
+        config.validate()
