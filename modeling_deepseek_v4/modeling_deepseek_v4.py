@@ -23,7 +23,7 @@ from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
-from transformers.utils import logging
+from transformers.utils import can_return_tuple, logging
 
 from .attention import DeepseekV4Attention, DeepseekV4GroupedLinear
 from .cache import DeepseekV4Cache, DeepseekV4LayerCache
@@ -304,6 +304,7 @@ class DeepseekV4ExtModel(DeepseekV4ExtPreTrainedModel):
             return None
         return DeepseekV4Cache(self.config)
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -327,7 +328,9 @@ class DeepseekV4ExtModel(DeepseekV4ExtPreTrainedModel):
         _warn_ignored_requests(self.config, kwargs)
         _refuse_packed_rows(position_ids, attention_mask, kwargs)
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        output_hidden_states = bool(output_hidden_states if output_hidden_states is not None else False)
+        output_hidden_states = bool(
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         b, s = inputs_embeds.shape[:2]
@@ -392,6 +395,7 @@ class DeepseekV4ExtForCausalLM(DeepseekV4GenerationHooks, DeepseekV4ExtPreTraine
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -427,6 +431,7 @@ class DeepseekV4ExtForCausalLM(DeepseekV4GenerationHooks, DeepseekV4ExtPreTraine
             output_hidden_states=output_hidden_states,
             output_router_logits=output_router_logits,
             return_streams=bool(return_streams),
+            return_dict=True,
         )
         hidden = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -466,7 +471,7 @@ class DeepseekV4ExtForCausalLM(DeepseekV4GenerationHooks, DeepseekV4ExtPreTraine
             raise ValueError(f"This model has {len(self.model.mtp)} MTP blocks; depth {depth} does not exist.")
         if attention_mask is not None and not bool(attention_mask.bool().all()):
             raise ValueError("mtp_logits supports unpadded batches only; drop the padding or run rows one by one.")
-        out = self.model(input_ids=input_ids, use_cache=False, return_streams=True)
+        out = self.model(input_ids=input_ids, use_cache=False, return_streams=True, return_dict=True)
         b, s = input_ids.shape
         next_ids = input_ids[:, 1:]
         lengths = torch.full((b,), s - 1, dtype=torch.long, device=input_ids.device)

@@ -80,3 +80,19 @@ def test_packed_rows_are_refused_not_mixed():
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).masked_fill(mask == 0, 1))
         model(input_ids=ids, position_ids=torch.arange(20)[None])
+
+
+def test_return_dict_false_and_config_output_hidden_states():
+    """As transformers' common tests expect: `return_dict=False` gives a tuple, `config.output_hidden_states` works."""
+    model = tiny_model()
+    ids = torch.randint(2, 97, (1, 16))
+    with torch.no_grad():
+        reference = model(ids).logits
+        as_tuple = model(ids, return_dict=False)
+        base_tuple = model.model(ids, return_dict=False)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], reference)
+    assert isinstance(base_tuple, tuple) and base_tuple[0].shape == (1, 16, model.config.hidden_size)
+    model.config.output_hidden_states = True
+    with torch.no_grad():
+        hidden = model(ids).hidden_states
+    assert hidden is not None and len(hidden) == model.config.num_hidden_layers + 1
