@@ -13,6 +13,7 @@ caller's order at the end, so left-padded `generate` gives, for each sequence, w
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -192,6 +193,16 @@ class DeepseekV4ExtPreTrainedModel(DeepseekV4PretrainedIO, PreTrainedModel):
         "indexer.kv_proj",
         "indexer.gate_proj",
     ]
+
+    def post_init(self):
+        """As transformers', and the fp32 islands stay fp32 when the model is built under a half default dtype
+        (`from_pretrained` keeps `_keep_in_fp32_modules_strict` in fp32 itself; direct construction did not)."""
+        super().post_init()
+        if torch.get_default_dtype() in (torch.float16, torch.bfloat16):
+            keep = re.compile("|".join(map(re.escape, self._keep_in_fp32_modules_strict)))
+            for name, tensor in [*self.named_parameters(), *self.named_buffers()]:
+                if keep.search(name) and tensor.dtype in (torch.float16, torch.bfloat16):
+                    tensor.data = tensor.data.float()
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:

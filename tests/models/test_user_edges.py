@@ -6,8 +6,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import modeling_deepseek_v4.modeling_deepseek_v4 as modeling
+from modeling_deepseek_v4 import DeepseekV4ExtForCausalLM
 from modeling_deepseek_v4.moe import DeepseekV4HashRouter
-from tests.conftest import tiny_model
+from tests.conftest import tiny_config, tiny_model
 
 
 def hash_tables(model):
@@ -96,3 +97,28 @@ def test_return_dict_false_and_config_output_hidden_states():
     with torch.no_grad():
         hidden = model(ids).hidden_states
     assert hidden is not None and len(hidden) == model.config.num_hidden_layers + 1
+
+
+def test_fp32_islands_survive_a_half_default_dtype():
+    """Norms, mHC, sinks, compressor projections and router bias stay fp32 like the reference, also when the model
+    is built under a bf16 default dtype (transformers' common tests do this; `from_pretrained` already did)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        model = DeepseekV4ExtForCausalLM(tiny_config()).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    layer = model.model.layers[2]
+    assert layer.self_attn.q_a_proj.weight.dtype == torch.bfloat16
+    for tensor in (
+        layer.self_attn.sinks,
+        layer.attn_hc.fn,
+        layer.input_layernorm.weight,
+        layer.self_attn.compressor.position_bias,
+        layer.self_attn.compressor.kv_proj.weight,
+        layer.mlp.gate.e_score_correction_bias,
+        model.model.hc_head.hc_fn,
+    ):
+        assert tensor.dtype == torch.float32
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randint(2, 97, (1, 24))).logits).all()
