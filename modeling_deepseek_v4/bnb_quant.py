@@ -74,29 +74,31 @@ def bnb_4bit_available() -> tuple[bool, str]:
     return True, ""
 
 
-def bnb_4bit_settings(quantization_config) -> tuple[str, torch.dtype] | None:
-    """(quant type, compute dtype) of a bitsandbytes 4-bit config (a `BitsAndBytesConfig` or its dict), else None."""
+def _bnb_config(quantization_config) -> dict | None:
+    """A bitsandbytes config (a `BitsAndBytesConfig` or its dict) as a dict, None for anything else."""
     if quantization_config is None:
         return None
     if not isinstance(quantization_config, dict):
         quantization_config = quantization_config.to_dict()
     method = str(getattr(quantization_config.get("quant_method"), "value", quantization_config.get("quant_method")))
-    if method != "bitsandbytes" or not quantization_config.get("load_in_4bit"):
+    return quantization_config if method == "bitsandbytes" else None
+
+
+def bnb_4bit_settings(quantization_config) -> tuple[str, torch.dtype] | None:
+    """(quant type, compute dtype) of a bitsandbytes 4-bit config (a `BitsAndBytesConfig` or its dict), else None."""
+    config = _bnb_config(quantization_config)
+    if config is None or not config.get("load_in_4bit"):
         return None
-    dtype = quantization_config.get("bnb_4bit_compute_dtype") or torch.float32
+    dtype = config.get("bnb_4bit_compute_dtype") or torch.float32
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype.removeprefix("torch."))
-    return quantization_config.get("bnb_4bit_quant_type") or "fp4", dtype
+    return config.get("bnb_4bit_quant_type") or "fp4", dtype
 
 
 def is_bnb_8bit(quantization_config) -> bool:
     """True for a bitsandbytes 8-bit config (a `BitsAndBytesConfig` or its dict)."""
-    if quantization_config is None:
-        return False
-    if not isinstance(quantization_config, dict):
-        quantization_config = quantization_config.to_dict()
-    method = str(getattr(quantization_config.get("quant_method"), "value", quantization_config.get("quant_method")))
-    return method == "bitsandbytes" and bool(quantization_config.get("load_in_8bit"))
+    config = _bnb_config(quantization_config)
+    return config is not None and bool(config.get("load_in_8bit"))
 
 
 def with_dense_modules(quantization_config, keep_dense) -> object:

@@ -144,7 +144,7 @@ class CompressorState:
             self.history_kv = F.pad(self.history_kv, (0, 0, grow, 0))
             self.history_score = F.pad(self.history_score, (0, 0, grow, 0))
 
-    def rewind(self, remove: torch.Tensor, seen_after: torch.Tensor, dim: int) -> None:
+    def rewind(self, remove: torch.Tensor, seen_after: torch.Tensor) -> None:
         """Undo each row's last `remove [B]` real tokens, leaving `seen_after [B]`: the partial window and the CSA
         overlap are read back from the history (entries past the new end stay; they are invisible until
         recomputed)."""
@@ -158,6 +158,7 @@ class CompressorState:
         self.buf_kv = torch.gather(self.history_kv, 1, index)
         self.buf_score = torch.gather(self.history_score, 1, index)
         if self.overlap_kv is not None:
+            dim = self.overlap_kv.shape[-1]
             before = (window - m).clamp(min=0).unsqueeze(-1).expand(-1, -1, dim)
             has_window = (seen_after >= m).view(-1, 1, 1)
             kv = torch.gather(self.history_kv[..., :dim], 1, before)
@@ -213,7 +214,7 @@ class DeepseekV4LayerCache(CacheLayerMixin):
         if self.window_kv is not None:
             self.window_kv = shift_right(self.window_kv, remove)
         for state in self.states.values():
-            state.rewind(remove, seen_after, state.overlap_kv.shape[-1] if state.overlap_kv is not None else 0)
+            state.rewind(remove, seen_after)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.is_initialized = True
