@@ -1,127 +1,25 @@
 """Config translation between the official DeepSeek-V4 files and the plugin's `DeepseekV4ExtConfig`.
 
-Official root `config.json` (HF-style names, official-format.md §3) is read directly by `DeepseekV4ExtConfig`; the
-reference `inference/config.json` (`ModelArgs` names, §4) is mapped here when the root file is missing. Export
-writes the official root spelling including the legacy keys serving engines need (§5, "Interop").
+Reading (root `config.json`, else `inference/config.json`) lives in `modeling_deepseek_v4.official_layout`, shared
+with the direct official load; it is re-exported here. Export writes the official root spelling including the
+legacy keys serving engines need (§5, "Interop").
 
 DSpark releases (`-0731`, `-Flash-DSpark`; dspark.md §2.2) are recognised by their `dspark_*` keys; their stage
-count comes from the tensors (`dspark_stages`, in to_plugin.py), and export writes the keys back together with the
+count comes from the tensors (`official_layout.dspark_stages`), and export writes the keys back together with the
 release's stale `num_nextn_predict_layers: 1`.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from modeling_deepseek_v4 import DeepseekV4ExtConfig
-
-from .checkpoint import ConversionError
-
-# inference/config.json (ModelArgs) -> root config.json names (official-format.md §4-§5).
-_MODEL_ARGS = {
-    "dim": "hidden_size",
-    "n_layers": "num_hidden_layers",
-    "n_heads": "num_attention_heads",
-    "moe_inter_dim": "moe_intermediate_size",
-    "n_activated_experts": "num_experts_per_tok",
-    "route_scale": "routed_scaling_factor",
-    "score_func": "scoring_func",
-    "n_hash_layers": "num_hash_layers",
-    "window_size": "sliding_window",
-    "rope_head_dim": "qk_rope_head_dim",
-    "norm_eps": "rms_norm_eps",
-    "n_mtp_layers": "num_nextn_predict_layers",
-}
-_DSPARK_KEYS = ("dspark_block_size", "dspark_noise_token_id", "dspark_target_layer_ids", "dspark_markov_rank")
-_COPIED = (
-    "vocab_size",
-    "n_routed_experts",
-    "n_shared_experts",
-    "q_lora_rank",
-    "head_dim",
-    "o_groups",
-    "o_lora_rank",
-    "index_n_heads",
-    "index_head_dim",
-    "index_topk",
-    "swiglu_limit",
-    "hc_mult",
-    "hc_sinkhorn_iters",
-    "hc_eps",
-    "rope_theta",
-    "compress_rope_theta",
-    "compress_ratios",
-    "expert_dtype",
-    # Not in official files; toy checkpoints with other CSA / HCA rates carry it.
-    "compress_rates",
-    *_DSPARK_KEYS,
+from modeling_deepseek_v4.official_layout import (
+    _DSPARK_KEYS,
+    is_dspark,
+    plugin_config_from_official,
+    read_official_config,
 )
-# Keys that exist only in official files and have no meaning for the plugin config.
-_DROP = ("torch_dtype", "transformers_version", "architectures", "auto_map", "dtype", "scale_fmt", "scale_dtype")
 
-
-def is_dspark(raw: dict) -> bool:
-    """Whether an official config describes a DSpark release (any `dspark_*` key, or SGLang's `markov_rank`)."""
-    return any(key.startswith("dspark_") for key in raw) or "markov_rank" in raw
-
-
-def _from_model_args(args: dict) -> dict:
-    out = {root: args[key] for key, root in _MODEL_ARGS.items() if key in args}
-    if is_dspark(args) and "n_mtp_layers" in args:
-        # In a DSpark release `n_mtp_layers` counts the drafter's stages (dspark.md §2.2).
-        out["dspark_num_stages"] = out.pop("num_nextn_predict_layers")
-    out.update({key: args[key] for key in _COPIED if key in args})
-    if "rope_factor" in args:
-        out["rope_scaling"] = {
-            "type": "yarn",
-            "factor": args["rope_factor"],
-            "original_max_position_embeddings": args.get("original_seq_len", 65536),
-            "beta_fast": args.get("beta_fast", 32),
-            "beta_slow": args.get("beta_slow", 1),
-        }
-    return out
-
-
-def read_official_config(folder: Path) -> dict:
-    """The official config as a root-spelling dict (root `config.json`, else `inference/config.json`)."""
-    root, inference = folder / "config.json", folder / "inference" / "config.json"
-    if root.exists():
-        path, raw = root, None
-    elif inference.exists():
-        path, raw = inference, None
-    else:
-        raise ConversionError(f"{folder}: no config.json (nor inference/config.json); is this a DeepSeek-V4 folder?")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConversionError(f"{path}: unreadable JSON ({exc}).") from None
-    if raw.get("model_type") == "deepseek_v41" or "text_config" in raw or "vision_config" in raw:
-        raise ConversionError(
-            f"{path}: DeepSeek-V4.1 (model_type deepseek_v41) is a different architecture (Engram memory, "
-            "cross-layer KV sharing) and is not supported by this converter; use a DeepSeek-V4 checkpoint."
-        )
-    return raw if path == root else _from_model_args(raw)
-
-
-def plugin_config_from_official(raw: dict, dtype: str, dspark_stages: int | None = None) -> DeepseekV4ExtConfig:
-    """Build and validate the plugin config; raises `ConversionError` naming the bad field. `dspark_stages`: the
-    DSpark stage count found in the tensors (it overrides the config's)."""
-    kwargs = {k: v for k, v in raw.items() if k not in _DROP}
-    kwargs.pop("model_type", None)
-    if dspark_stages is not None:
-        kwargs["dspark_num_stages"] = dspark_stages
-    quantization = kwargs.pop("quantization_config", None)
-    try:
-        config = DeepseekV4ExtConfig(**kwargs)
-    except (ValueError, TypeError) as exc:
-        raise ConversionError(f"config.json: {exc}") from None
-    config.architectures = ["DeepseekV4ExtForCausalLM"]
-    # `quantization_config` is dropped: transformers would hand it to its own FP8 quantizer. In keep mode the
-    # converter records the layout it found in the tensors as `dsv4_quantization` instead.
-    del quantization
-    config.dtype = {"bf16": "bfloat16", "fp32": "float32", "keep": "bfloat16"}[dtype]
-    return config
+__all__ = ["is_dspark", "official_config_from_plugin", "plugin_config_from_official", "read_official_config"]
 
 
 def official_config_from_plugin(config: DeepseekV4ExtConfig, expert_dtype: str) -> dict:

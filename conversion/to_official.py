@@ -18,6 +18,16 @@ from pathlib import Path
 import torch
 
 from modeling_deepseek_v4 import DeepseekV4ExtConfig
+from modeling_deepseek_v4.official_layout import COPIED_FILES
+from modeling_deepseek_v4.official_names import (
+    UnknownTensorError,
+    is_f32_official,
+    is_fp8_official,
+    official_expert_name,
+    plugin_expert_param,
+    plugin_to_official,
+    scale_name,
+)
 from modeling_deepseek_v4.quant_formats import (
     FP4_GROUP,
     FP8_BLOCK,
@@ -38,17 +48,8 @@ from .checkpoint import (
     ShardPlan,
     SourceCheckpoint,
 )
-from .names import (
-    UnknownTensorError,
-    is_f32_official,
-    is_fp8_official,
-    official_expert_name,
-    plugin_expert_param,
-    plugin_to_official,
-    scale_name,
-)
 from .official_config import official_config_from_plugin
-from .to_plugin import COPIED_FILES, Report
+from .to_plugin import Report
 
 
 def _expand(scale: torch.Tensor, block: tuple[int, int], shape: torch.Size) -> torch.Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from modeling_deepseek_v4.official_layout import COPIED_FILES
 from modeling_deepseek_v4.quant_formats import fp4_to_fp8_blocks
 
 from .checkpoint import (
@@ -19,7 +20,7 @@ from .checkpoint import (
     ShardPlan,
     SourceCheckpoint,
 )
-from .to_plugin import COPIED_FILES, Report
+from .to_plugin import Report
 
 
 def _is_fp4_scale(source: SourceCheckpoint, name: str) -> bool:

@@ -10,10 +10,9 @@ from pathlib import Path
 import torch
 
 from modeling_deepseek_v4 import DeepseekV4ExtConfig
+from modeling_deepseek_v4.official_layout import build_output, expected_state, map_sources, read_official_config
 
 from .checkpoint import ConversionError, SourceCheckpoint
-from .official_config import read_official_config
-from .to_plugin import _build, _expected_state, _map_sources
 
 
 def verify_folder(folder: str | Path, source: str | Path | None = None, samples: int = 8, seed: int = 0) -> dict:
@@ -24,7 +23,7 @@ def verify_folder(folder: str | Path, source: str | Path | None = None, samples:
     except (OSError, ValueError) as exc:
         raise ConversionError(f"{folder}: unreadable config.json ({exc}).") from None
     out = SourceCheckpoint(folder)
-    expected = _expected_state(config)
+    expected = expected_state(config)
     keep = getattr(config, "dsv4_quantization", None) is not None
     for name, shape in expected.items():
         info = out.tensors.get(name) if name in out.indexed else None
@@ -46,7 +45,7 @@ def verify_folder(folder: str | Path, source: str | Path | None = None, samples:
         # Official tensors map onto the dense state (a keep folder's scales come from the weights' `.scale`).
         dense = copy.deepcopy(config)
         dense.dsv4_quantization = None
-        outputs = _map_sources(src, _expected_state(dense), config)
+        outputs = map_sources(src, expected_state(dense), config)
         names = sorted(outputs)
         for name in random.Random(seed).sample(names, min(samples, len(names))):
             o = outputs[name]
@@ -54,7 +53,7 @@ def verify_folder(folder: str | Path, source: str | Path | None = None, samples:
             mode = (
                 "keep" if keep else ("fp32" if stored.dtype == torch.float32 and o.source_dtype != "F32" else "bf16")
             )
-            built = _build(o, {p: src.load(p) for p in o.pieces}, mode)[name]
+            built = build_output(o, {p: src.load(p) for p in o.pieces}, mode)[name]
             if built.dtype != stored.dtype:
                 built = built.to(stored.dtype)
             if not torch.equal(
