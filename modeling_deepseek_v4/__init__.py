@@ -2,7 +2,9 @@
 `model_type` ("deepseek_v4_ext") with `AutoConfig`, `AutoModel` and `AutoModelForCausalLM`.
 
 transformers' native `deepseek_v4` is never touched: our config class is registered under our own model type,
-and the model classes are keyed by our config class object (hf-integration.md §2). Registration is idempotent, so
+and the model classes are keyed by our config class object (hf-integration.md §2); `route_official_checkpoints()`
+is the explicit opt-in that sends `deepseek_v4` folders to this package. Official folders load directly through
+`DeepseekV4ExtForCausalLM.from_pretrained` either way (`official_loader.py`). Registration is idempotent, so
 the pip package and a Hub copy of these files can both be imported in one process.
 """
 
@@ -11,6 +13,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from .cache import DeepseekV4Cache
 from .configuration_deepseek_v4 import DeepseekV4ExtConfig
 from .modeling_deepseek_v4 import DeepseekV4ExtForCausalLM, DeepseekV4ExtModel, DeepseekV4ExtPreTrainedModel
+from .official_routing import route_official_checkpoints
 from .ops import use_backend
 
 __version__ = "0.1.0"
@@ -31,5 +34,6 @@ __all__ = [
     "DeepseekV4ExtForCausalLM",
     "DeepseekV4ExtModel",
     "DeepseekV4ExtPreTrainedModel",
+    "route_official_checkpoints",
     "use_backend",
 ]

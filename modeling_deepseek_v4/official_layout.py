@@ -23,7 +23,7 @@ import torch
 
 from .checkpoint_reader import DTYPES, CheckpointError, SourceCheckpoint
 from .configuration_deepseek_v4 import DeepseekV4ExtConfig
-from .official_names import UnknownTensorError, official_to_plugin
+from .official_names import OfficialName, UnknownTensorError, official_to_plugin
 from .quant_formats import dequantize_fp4, dequantize_fp8_blocks
 
 # inference/config.json (ModelArgs) -> root config.json names (official-format.md §4-§5).
@@ -70,8 +70,9 @@ _DROP = ("torch_dtype", "transformers_version", "architectures", "auto_map", "dt
 
 
 def is_dspark(raw: dict) -> bool:
-    """Whether an official config describes a DSpark release (any `dspark_*` key, or SGLang's `markov_rank`)."""
-    return any(key.startswith("dspark_") for key in raw) or "markov_rank" in raw
+    """Whether an official config describes a DSpark release (a set `dspark_*` key, or SGLang's `markov_rank`); a
+    config saved from this package's model without a drafter carries the keys unset (None / 0)."""
+    return any(key.startswith("dspark_") and raw[key] not in (None, 0, []) for key in raw) or "markov_rank" in raw
 
 
 def _from_model_args(args: dict) -> dict:
@@ -173,11 +174,20 @@ def mtp_stage_count(source: SourceCheckpoint) -> int:
     return len(found)
 
 
+def _target(name: str, expected: dict[str, torch.Size], stages: int) -> OfficialName:
+    """Where a checkpoint tensor goes. Folders saved by transformers' native class mix spellings (`head.weight`,
+    `model.layers.N.attn.*`, but `model.embed_tokens.weight`): plugin names pass through, a `model.` prefix is
+    dropped before the official mapping."""
+    if name in expected:
+        return OfficialName(name)
+    return official_to_plugin(name[len("model.") :] if name.startswith("model.") else name, stages)
+
+
 def map_sources(source: SourceCheckpoint, expected: dict[str, torch.Size], config) -> dict[str, Output]:
     outputs: dict[str, Output] = {}
     n_mtp, stages = config.num_nextn_predict_layers, config.dspark_num_stages
     for name, info in source.tensors.items():
-        if name.endswith(".scale"):
+        if name.endswith(".scale") and name not in expected:
             weight = name[: -len(".scale")] + ".weight"
             if weight not in source.tensors:
                 raise CheckpointError(f"{source.folder / info.file}: scale {name!r} has no weight {weight!r}.")
@@ -189,7 +199,7 @@ def map_sources(source: SourceCheckpoint, expected: dict[str, torch.Size], confi
                 "missing (official-format.md §11)."
             )
         try:
-            target = official_to_plugin(name, stages)
+            target = _target(name, expected, stages)
         except UnknownTensorError:
             hint = " (a DSpark drafter tensor? config.json has no dspark_* keys)" if name.startswith("mtp.") else ""
             raise CheckpointError(
@@ -361,6 +371,11 @@ def dspark_stages(source: SourceCheckpoint, raw: dict) -> int | None:
     return stages
 
 
+def is_native_saved(source: SourceCheckpoint) -> bool:
+    """Whether the folder was written by transformers' native `deepseek_v4` (official names under `model.`)."""
+    return "model.embed_tokens.weight" in source.tensors
+
+
 @dataclass
 class OfficialPlan:
     """A validated official checkpoint: its raw config, the shards, the plugin config and the output plan."""
@@ -371,14 +386,19 @@ class OfficialPlan:
     outputs: dict[str, Output]
 
 
-def plan_official(folder: str | Path, dtype: str) -> OfficialPlan:
-    """Read and validate an official folder for `dtype` ("bf16" | "fp32" | "keep") from its config and shard
-    headers only; raises `CheckpointError` naming the file, the tensor and the fix."""
+def plan_official(folder: str | Path, dtype: str, overrides: dict | None = None) -> OfficialPlan:
+    """Read and validate an official folder for `dtype` ("bf16" | "fp32" | "keep") from its config (plus
+    `overrides`, plugin config keys) and shard headers only; raises `CheckpointError` naming the file, the tensor
+    and the fix."""
     if dtype not in OUT_DTYPES:
         raise CheckpointError(f"dtype {dtype!r} is not supported; use one of {sorted(OUT_DTYPES)}.")
     folder = Path(folder)
-    raw = read_official_config(folder)
+    raw = {**read_official_config(folder), **(overrides or {})}
     source = SourceCheckpoint(folder)
+    if raw.get("num_nextn_predict_layers") and not is_dspark(raw) and is_native_saved(source):
+        # transformers' native class drops the MTP block (official-format.md §7): its folders have none to load.
+        if not any(re.match(r"(model\.)?mtp\.", name) for name in source.tensors):
+            raw["num_nextn_predict_layers"] = 0
     config = plugin_config_from_official(raw, dtype, dspark_stages(source, raw))
     outputs = map_sources(source, expected_state(config), config)
     check_shapes(source, outputs, config)

@@ -23,6 +23,7 @@ from transformers.utils import logging
 from .bnb_quant import apply_bnb_to_custom_weights, bnb_4bit_settings, is_bnb_8bit, with_dense_modules
 from .compat import REQUIREMENTS_TXT, peft_version_hint
 from .moe import DeepseekV4HashRouter, default_tid2eid
+from .official_loader import HUB_OPTIONS, copy_official_side_files, load_official, official_config_dict
 from .quantized_modules import _KeepsStorageDtype
 
 logger = logging.get_logger(__name__)
@@ -36,7 +37,14 @@ class DeepseekV4PretrainedIO:
         """As transformers', but a load that would leave weights uninitialised (random) raises, naming them and the
         fix. With a bitsandbytes 4-bit `quantization_config`, the routed experts and the grouped `o_a_proj` (which
         bitsandbytes leaves dense: it swaps only exact `nn.Linear`) are stored 4-bit too, while `lm_head` and the
-        strict-fp32 compressor projections stay dense (`bnb_quant.py`)."""
+        strict-fp32 compressor projections stay dense (`bnb_quant.py`). A folder or Hub repo in DeepSeek's official
+        layout (`model_type: deepseek_v4`) is loaded directly, without a conversion step (`official_loader.py`)."""
+        path = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        hub = {key: kwargs[key] for key in HUB_OPTIONS if key in kwargs}
+        official = official_config_dict(path, **hub) if isinstance(path, (str, os.PathLike)) else None
+        if official is not None:
+            kwargs.pop("pretrained_model_name_or_path", None)
+            return load_official(cls, path, official, args[1:], kwargs)
         if kwargs.get("quantization_config") is not None:
             kwargs["quantization_config"] = with_dense_modules(
                 kwargs["quantization_config"], cls._keep_in_fp32_modules_strict
@@ -57,8 +65,10 @@ class DeepseekV4PretrainedIO:
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """As transformers', and the custom-code folder is complete: `auto_map` names the config, the base model
-        and the causal LM (transformers writes one model class per save), plus a `requirements.txt`."""
+        and the causal LM (transformers writes one model class per save), plus a `requirements.txt`; a model loaded
+        directly from an official folder also carries its tokenizer files, chat template and `encoding/`."""
         result = super().save_pretrained(save_directory, *args, **kwargs)
+        copy_official_side_files(getattr(self, "_official_source", None), save_directory)
         path = os.path.join(save_directory, "config.json")
         if getattr(self, "_auto_class", None) is not None and os.path.exists(path):
             with open(path) as f:
@@ -128,8 +138,9 @@ def refuse_incomplete_load(model_name: str, info: dict) -> None:
     if any(_OFFICIAL_NAME.match(name) for name in unexpected):
         fix = (
             "The checkpoint uses DeepSeek's official tensor names (an official release, or a folder saved by "
-            "transformers' native deepseek_v4). Convert it once with `dsv4-convert to-hf SRC DST` (add `--dtype keep` "
-            "to keep the FP8 / FP4 weights in memory) and load DST."
+            "transformers' native deepseek_v4) but its config.json is not the official one: with the release's own "
+            "config.json (model_type deepseek_v4) from_pretrained loads it directly, or convert it once with "
+            "`dsv4-convert to-hf SRC DST` (add `--dtype keep` to keep the FP8 / FP4 weights in memory) and load DST."
         )
     else:
         fix = (
