@@ -3,9 +3,10 @@
 Builds a random tiny model with every V4 component (sliding, CSA and HCA layers, hash and score-routed MoE, mHC,
 MTP), writes it in DeepSeek's official layout (FP8 128x128 weights + packed FP4 experts), converts that folder back
 with the converter (`dsv4-convert to-hf`), reloads it through `AutoModelForCausalLM.from_pretrained`, checks the
-reload equals the FP8/FP4 weights exactly, and generates for a left-padded batch of long prompts, checking every row,
-each prompt alone and the static-cache, prompt-lookup and MTP modes against a full recompute (no cache, no
-`generate`). Any failed check prints the difference and raises `DemoFailure` (the CLI exits 1).
+reload equals the FP8/FP4 weights exactly and that the official folder loaded directly computes the same, and
+generates for a left-padded batch of long prompts, checking every row, each prompt alone and the static-cache,
+prompt-lookup and MTP modes against a full recompute (no cache, no `generate`). Any failed check prints the
+difference and raises `DemoFailure` (the CLI exits 1).
 """
 
 from __future__ import annotations
@@ -85,10 +86,27 @@ def run_demo(output_dir: str | None = None, new_tokens: int = 16, seed: int = 0)
         # The same checkpoint kept quantized in memory (FP8 linears, packed FP4 experts): same logits.
         convert_official_to_plugin(root / "official", root / "keep", dtype="keep", progress=False)
         quantized = AutoModelForCausalLM.from_pretrained(root / "keep", dtype=torch.float32).eval()
+        # The official folder itself, loaded directly (no conversion): FP8 / FP4 kept, then exactly dequantized.
+        direct_keep = DeepseekV4ExtForCausalLM.from_pretrained(root / "official")
+        direct_fp32 = DeepseekV4ExtForCausalLM.from_pretrained(root / "official", dtype=torch.float32)
+        direct_bf16 = DeepseekV4ExtForCausalLM.from_pretrained(root / "official", dtype=torch.bfloat16)
     print(f"reloaded with AutoModelForCausalLM.from_pretrained -> {type(loaded).__name__}")
     probe = torch.randint(2, 512, (1, 48), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         gap = (quantized(probe).logits - loaded(probe).logits).abs().max().item()
+        reference = loaded(probe).logits
+        direct_gaps = [
+            (direct_fp32(probe).logits - reference).abs().max().item(),
+            # Kept FP8/FP4 computes in bf16 with exactly the dequantized weights: equal to the bf16 load.
+            (direct_keep(probe).logits - direct_bf16(probe).logits).abs().max().item(),
+        ]
+    direct_ok = direct_gaps == [0.0, 0.0]
+    print(
+        "loaded the official folder directly (no conversion): max logit gap fp32 vs converted "
+        f"{direct_gaps[0]:.1e}, kept FP8/FP4 vs dequantized bf16 {direct_gaps[1]:.1e}"
+    )
+    if not direct_ok:
+        print("  MISMATCH: the direct official load does not compute what the converted folder computes")
     weights_in = sum(b.nbytes for b in quantized.buffers()) + sum(p.nbytes for p in quantized.parameters())
     print(f"quantized in memory (--dtype keep): {weights_in / 2**20:.2f} MiB of weights, max logit gap {gap:.1e}")
     quantized_ok = gap < 1e-4
@@ -105,6 +123,7 @@ def run_demo(output_dir: str | None = None, new_tokens: int = 16, seed: int = 0)
         "parameters": n_params,
         "official_round_trip_exact": same,
         "quantized_equals_dequantized": quantized_ok,
+        "official_loads_directly": direct_ok,
         **generation,
         "seconds": round(time.perf_counter() - started, 2),
     }
