@@ -4,7 +4,7 @@
 `SourceCheckpoint` validates a folder before any data is read: the index (or the shard list), every shard's header
 (length, JSON, dtypes, byte ranges inside the file, i.e. not truncated), and that the index and the headers agree.
 Errors name the file and the tensor and say what to do. Tensors are then read one at a time with plain reads, so a
-loader's peak memory is what it keeps plus the tensors in flight (performance.md, memory-bounded CPU strategies).
+loader's peak memory is what it keeps plus the tensors in flight (docs/performance.md §6, memory-bounded reference).
 """
 
 from __future__ import annotations

@@ -187,6 +187,10 @@ class DeepseekV4ExtPreTrainedModel(DeepseekV4PretrainedIO, PreTrainedModel):
         "input_layernorm",
         "post_attention_layernorm",
         "norm",
+        # The MTP block's norms: transformers' loader matches "norm" inside "enorm" / "hnorm" (substring) and keeps
+        # them fp32 anyway; named here so that the list says so to tools that match whole module names.
+        "enorm",
+        "hnorm",
         # fp32 compressor projections like the reference (forward-math.md §8); they are small.
         "compressor.kv_proj",
         "compressor.gate_proj",
@@ -362,11 +366,16 @@ class DeepseekV4ExtModel(DeepseekV4ExtPreTrainedModel):
         start = cache.start_positions(b, inputs_embeds.device) if cache is not None else torch.zeros_like(lengths)
         meta = BatchMeta(start, lengths, s, self.rope_tables)
 
+        inverse = None if order is None else torch.argsort(order, dim=1)
+        restore = (lambda t: t) if inverse is None else (lambda t: _rows_gather(t, inverse))
         hidden = inputs_embeds.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1)
         all_hidden, routers = [], []
         for i, layer in enumerate(self.layers):
             if output_hidden_states:
-                all_hidden.append(hidden)
+                all_hidden.append(restore(hidden))
+                # Continue from the returned tensor (a permutation there and back, exact) so that it lies on the
+                # graph of the outputs: `hidden_states[i].retain_grad()` then gets the outputs' gradient.
+                hidden = hidden if order is None else _rows_gather(all_hidden[-1], order)
             hidden, router = layer(
                 hidden, meta=meta, input_ids=input_ids, layer_cache=cache.layers[i] if cache else None
             )
@@ -376,19 +385,17 @@ class DeepseekV4ExtModel(DeepseekV4ExtPreTrainedModel):
             if isinstance(cache, DeepseekV4StaticCache) and not cache.ready:
                 cache.freeze_shapes(self.config)
         streams = hidden
-        hidden = self.norm(self.hc_head(hidden))
+        hidden = restore(self.norm(self.hc_head(hidden)))
         if output_hidden_states:
             all_hidden.append(hidden)
 
-        inverse = None if order is None else torch.argsort(order, dim=1)
-        restore = (lambda t: t) if inverse is None else (lambda t: _rows_gather(t, inverse))
         router_logits = None
         if output_router_logits:
             router_logits = tuple(restore(r[0].view(b, s, -1)).reshape(b * s, -1) for r in routers if r is not None)
         return DeepseekV4ModelOutput(
-            last_hidden_state=restore(hidden),
+            last_hidden_state=hidden,
             **cache_kwargs(cache),
-            hidden_states=tuple(restore(h) for h in all_hidden) if output_hidden_states else None,
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
             router_logits=router_logits,
             last_streams=restore(streams) if return_streams else None,
         )
