@@ -155,6 +155,8 @@ class Output:
     pieces: list[str] = field(default_factory=list)
     experts: dict[tuple[int, str], str] = field(default_factory=dict)
     source_dtype: str = ""
+    # Integer tables (`tid2eid`): entries must lie in [0, limit).
+    limit: int | None = None
 
 
 def expected_state(config) -> dict[str, torch.Size]:
@@ -215,7 +217,15 @@ def map_sources(source: SourceCheckpoint, expected: dict[str, torch.Size], confi
         if scale_of(name) in source.tensors:
             out.pieces.append(scale_of(name))
         out.source_dtype = info.dtype
+        if name.endswith("tid2eid"):
+            out.limit = config.n_routed_experts
         if target.expert is not None:
+            if target.expert >= out.shape[0]:
+                raise CheckpointError(
+                    f"{source.folder / info.file}: tensor {name!r} is routed expert {target.expert}, but config.json "
+                    f"declares n_routed_experts={out.shape[0]} (experts 0..{out.shape[0] - 1}); the config and the "
+                    "weights disagree."
+                )
             out.experts[(target.expert, target.proj)] = name
     missing = sorted(set(expected) - set(outputs))
     if missing:
@@ -223,7 +233,50 @@ def map_sources(source: SourceCheckpoint, expected: dict[str, torch.Size], confi
             f"{source.folder}: the checkpoint lacks tensors for {missing[:5]}{' ...' if len(missing) > 5 else ''} "
             f"({len(missing)} in all); a shard is probably missing or the config does not match the weights."
         )
+    for out in outputs.values():
+        for piece in out.pieces:
+            if piece.endswith(".scale") and piece not in expected:
+                _check_scale_form(source, piece[: -len(".scale")] + ".weight", piece)
     return outputs
+
+
+_QUANTIZED = {"F8_E4M3": "FP8", "I8": "packed FP4"}
+
+
+def _check_scale_form(source: SourceCheckpoint, weight: str, scale: str | None) -> None:
+    """A quantized weight has its scale with the dtype and block grid of its format (official-format.md §8); a
+    weight stored unquantized has none (it would be ignored)."""
+    info = source.tensors[weight]
+    where = source.folder / info.file
+    if info.dtype not in _QUANTIZED:
+        raise CheckpointError(
+            f"{where}: tensor {weight!r} is stored in {info.dtype} but has a scale {scale!r}: a scale belongs to an "
+            "FP8 or packed FP4 weight, and would be ignored here; the checkpoint mixes formats (re-download it)."
+        )
+    scale_info = source.tensors[scale]
+    rows, cols = info.shape[0], info.shape[-1]
+    if info.dtype == "I8":  # packed FP4: two values per byte, one scale per 1 x 32 values
+        grid = (*info.shape[:-1], -(-cols * 2 // 32))
+    else:  # FP8: one scale per 128 x 128 block
+        grid = (*info.shape[:-2], -(-rows // 128), -(-cols // 128))
+    if scale_info.dtype not in _SCALE_DTYPES or tuple(scale_info.shape) != grid:
+        raise CheckpointError(
+            f"{source.folder / scale_info.file}: scale {scale!r} is {scale_info.dtype} {list(scale_info.shape)}; "
+            f"the {_QUANTIZED[info.dtype]} weight {weight!r} {list(info.shape)} needs F8_E8M0 or F32 {list(grid)}."
+        )
+
+
+def check_quantized_pieces(source: SourceCheckpoint, outputs: dict[str, Output]) -> None:
+    """Every FP8 / packed FP4 weight has its scale (`.scale` sibling); checked from the headers."""
+    for out in outputs.values():
+        for piece in out.pieces:
+            info = source.tensors[piece]
+            if info.dtype in _QUANTIZED and scale_of(piece) not in source.tensors:
+                raise CheckpointError(
+                    f"{source.folder / info.file}: {_QUANTIZED[info.dtype]} weight {piece!r} has no scale "
+                    f"{scale_of(piece)!r}; without it the values cannot be decoded (a shard is incomplete: "
+                    "re-download it)."
+                )
 
 
 # Plugin names of the linears the quantized model keeps in FP8 (`quantized_modules.FP8_MODULES`).
@@ -401,6 +454,7 @@ def plan_official(folder: str | Path, dtype: str, overrides: dict | None = None)
             raw["num_nextn_predict_layers"] = 0
     config = plugin_config_from_official(raw, dtype, dspark_stages(source, raw))
     outputs = map_sources(source, expected_state(config), config)
+    check_quantized_pieces(source, outputs)
     check_shapes(source, outputs, config)
     if dtype == "keep":
         config.dsv4_quantization = keep_layout(source, outputs)
@@ -427,6 +481,24 @@ def stream_outputs(plan: OfficialPlan, dtype: str, wanted: Callable[[str], bool]
                 remaining[name].discard(piece)
                 if not remaining[name]:
                     pieces = outputs[name].pieces
+                    _check_values(source, outputs[name], pending)
                     yield name, build_output(outputs[name], {p: pending[p] for p in pieces}, dtype)
                     for p in pieces:
                         pending.pop(p, None)
+
+
+def _check_values(source: SourceCheckpoint, out: Output, loaded: dict[str, torch.Tensor]) -> None:
+    """Values the readers' NaN / Inf scan cannot judge: table entries in range, float32 block scales positive."""
+    for piece in out.pieces:
+        tensor, info = loaded[piece], source.tensors[piece]
+        if out.limit is not None and tensor.numel() and (int(tensor.min()) < 0 or int(tensor.max()) >= out.limit):
+            raise CheckpointError(
+                f"{source.folder / info.file}: tensor {piece!r} holds expert ids in [{int(tensor.min())}, "
+                f"{int(tensor.max())}], outside [0, {out.limit}) (n_routed_experts={out.limit}); the file is damaged "
+                "or belongs to another config."
+            )
+        if piece.endswith(".scale") and tensor.dtype == torch.float32 and tensor.numel() and float(tensor.min()) <= 0:
+            raise CheckpointError(
+                f"{source.folder / info.file}: scale {piece!r} holds a value <= 0 ({float(tensor.min())}); block "
+                "scales are positive powers of two: the file is damaged, re-download it."
+            )
