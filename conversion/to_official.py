@@ -17,10 +17,8 @@ from pathlib import Path
 
 import torch
 
-from modeling_deepseek_v4 import DeepseekV4ExtConfig
 from modeling_deepseek_v4.official_layout import COPIED_FILES
 from modeling_deepseek_v4.official_names import (
-    UnknownTensorError,
     is_f32_official,
     is_fp8_official,
     official_expert_name,
@@ -49,6 +47,7 @@ from .checkpoint import (
     SourceCheckpoint,
 )
 from .official_config import official_config_from_plugin
+from .plugin_checks import check_plugin_tensors, check_table, read_plugin_folder
 from .to_plugin import Report
 
 
@@ -154,25 +153,14 @@ def convert_plugin_to_official(
     if expert_dtype not in ("fp4", "fp8"):
         raise ConversionError(f"--expert-dtype {expert_dtype!r} is not supported; use fp4 or fp8.")
     src, dst = Path(src), Path(dst)
-    try:
-        config = DeepseekV4ExtConfig.from_pretrained(src)
-    except (OSError, ValueError) as exc:
-        raise ConversionError(f"{src}: cannot read the plugin config.json ({exc}).") from None
-    source = SourceCheckpoint(src)
+    config, source = read_plugin_folder(src)
+    # Everything the export needs is checked from the headers before anything is written.
+    check_plugin_tensors(source, config)
     scales = None
     if (src / "official_scales.safetensors.index.json").exists() or (src / "official_scales.safetensors").exists():
         scales = SourceCheckpoint(src, "official_scales.safetensors.index.json")
     names = [n for n in source.ordered_names() if not n.endswith("_scale_inv")]
     stages = config.dspark_num_stages
-    for name in names:
-        if plugin_expert_param(name) is None:
-            try:
-                plugin_to_official(name, stages)
-            except UnknownTensorError:
-                raise ConversionError(
-                    f"{src / source.tensors[name].file}: tensor {name!r} is not a DeepSeek-V4 parameter "
-                    "(merge or drop adapters before exporting)."
-                ) from None
     inter = config.moe_intermediate_size
 
     def hints_for(name):
@@ -198,9 +186,9 @@ def convert_plugin_to_official(
         produced = _planned(name, None, expert_dtype, inter, stages, only_names=True)
         if not any(writer.wants(p) for p in produced):
             continue
-        for official, tensor in _official_tensors(
-            name, source.load(name), hints_for(name), expert_dtype, inter, stages
-        ).items():
+        value = source.load(name)
+        check_table(name, value, config, src / source.tensors[name].file)
+        for official, tensor in _official_tensors(name, value, hints_for(name), expert_dtype, inter, stages).items():
             writer.add(official, tensor)
     writer.finish()
     config_json = json.dumps(official_config_from_plugin(config, expert_dtype), indent=2) + "\n"

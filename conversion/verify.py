@@ -1,5 +1,6 @@
-"""`verify`: check that a converted plugin folder is complete and, given the official source, that a sample of
-tensors dequantizes identically."""
+"""`verify`: check that a converted plugin folder is complete and sound (every tensor the config implies, with its
+shape and dtype, nothing extra, every value finite, routing tables in range: `plugin_checks.py`) and, given the
+official source, that a sample of tensors dequantizes identically."""
 
 from __future__ import annotations
 
@@ -9,35 +10,20 @@ from pathlib import Path
 
 import torch
 
-from modeling_deepseek_v4 import DeepseekV4ExtConfig
 from modeling_deepseek_v4.official_layout import build_output, expected_state, map_sources, read_official_config
 
 from .checkpoint import ConversionError, SourceCheckpoint
+from .plugin_checks import check_plugin_tensors, check_table, read_plugin_folder
 
 
 def verify_folder(folder: str | Path, source: str | Path | None = None, samples: int = 8, seed: int = 0) -> dict:
     """Raise `ConversionError` naming the first problem; return a summary dict when the folder is sound."""
     folder = Path(folder)
-    try:
-        config = DeepseekV4ExtConfig.from_pretrained(folder)
-    except (OSError, ValueError) as exc:
-        raise ConversionError(f"{folder}: unreadable config.json ({exc}).") from None
-    out = SourceCheckpoint(folder)
-    expected = expected_state(config)
+    config, out = read_plugin_folder(folder)
+    expected = check_plugin_tensors(out, config)
     keep = getattr(config, "dsv4_quantization", None) is not None
-    for name, shape in expected.items():
-        info = out.tensors.get(name) if name in out.indexed else None
-        if info is None:
-            raise ConversionError(f"{folder}: tensor {name!r} is missing from the index / shards.")
-        if info.dtype in ("I8", "F8_E4M3") and not keep:
-            raise ConversionError(f"{folder / info.file}: {name!r} is quantized but the config is not a keep folder.")
-        # A keep folder's expected state is that of the quantized modules, packed FP4 included: compare as stored.
-        got = tuple(info.shape)
-        if got != tuple(shape):
-            raise ConversionError(f"{folder / info.file}: tensor {name!r} has shape {got}, the config says {shape}.")
-    extra = [n for n in out.tensors if n not in expected and not n.endswith("_scale_inv")]
-    if extra:
-        raise ConversionError(f"{folder}: unexpected tensors {extra[:5]}.")
+    for name in out.ordered_names():  # every value: NaN / Inf (in `load`) and table ranges
+        check_table(name, out.load(name), config, folder / out.tensors[name].file)
     checked = []
     if source is not None:
         src = SourceCheckpoint(source)
