@@ -8,6 +8,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import json
 import os
 import shutil
@@ -21,13 +24,23 @@ import torch
 from modeling_deepseek_v4.checkpoint_reader import (
     DTYPES,
     TORCH_TO_ST,
+    CheckpointError,
     SourceCheckpoint,
     TensorInfo,
     read_header,
 )
 from modeling_deepseek_v4.checkpoint_reader import CheckpointError as ConversionError
 
-__all__ = ["DTYPES", "ConversionError", "SourceCheckpoint", "TensorInfo", "read_header", "write_safetensors"]
+__all__ = [
+    "DTYPES",
+    "ConversionError",
+    "ConversionInterrupted",
+    "SourceCheckpoint",
+    "TensorInfo",
+    "fingerprint",
+    "read_header",
+    "write_safetensors",
+]
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -150,50 +163,240 @@ def _prod(shape: Iterable[int]) -> int:
     return n
 
 
-class OutputFolder:
-    """The destination of a conversion: refuses an existing destination, keeps an interrupted run's temporary
-    folder only for `--resume`, checks free disk space, shows byte progress, and renames into place at the end."""
+class ConversionInterrupted(ConversionError):
+    """Ctrl-C / SIGTERM during a conversion (the CLI exits 130)."""
 
-    def __init__(self, destination: Path, total_bytes: int, resume: bool, progress: bool, what: str = "conversion"):
-        if destination.exists():
-            raise ConversionError(f"{destination}: already exists; remove it or choose another destination.")
-        self.destination = destination
-        self.tmp = temp_dir_for(destination)
-        if self.tmp.exists() and not resume:
+
+# Write errors after which the finished shards are worth keeping: free space (or a larger file system) and rerun.
+_RESUMABLE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+FINGERPRINT_FILE = ".dsv4-resume.json"
+
+
+def fingerprint(source: SourceCheckpoint, **options) -> dict:
+    """What a `--resume` must find unchanged: the options and, per source shard, its size and a hash of its header
+    (names, dtypes, shapes and offsets of every tensor)."""
+    shards = {}
+    for file in source.files:
+        path = source.folder / file
+        with open(path, "rb") as f:
+            length = struct.unpack("<Q", f.read(8))[0]
+            f.seek(0)
+            digest = hashlib.sha256(f.read(8 + length)).hexdigest()
+        shards[file] = {"bytes": path.stat().st_size, "header_sha256": digest}
+    return {"options": options, "source_shards": shards}
+
+
+class OutputFolder:
+    """The destination of a conversion: refuses an existing destination (or a dangling link there), a missing or
+    unwritable parent, and a second conversion into the same destination (a lock file next to it); keeps an
+    interrupted run's temporary folder only for `--resume`, which must find the same source and options (a
+    fingerprint in the temporary folder); checks free disk space for what is left to write; shows byte progress;
+    and renames into place at the end. `writing()` turns failures while writing into one clean error."""
+
+    def __init__(
+        self,
+        destination: Path,
+        total_bytes: int,
+        resume: bool,
+        progress: bool,
+        what: str = "conversion",
+        fingerprint: dict | None = None,
+    ):
+        destination = Path(destination).absolute()
+        self.destination, self.resume, self.what, self.bar = destination, resume, what, None
+        if os.path.lexists(destination):
+            kind = "is a link to a missing target" if not destination.exists() else "already exists"
+            raise ConversionError(f"{destination}: {kind}; remove it or choose another destination.")
+        parent = destination.parent
+        if not parent.is_dir():
+            raise ConversionError(f"{parent}: the destination's parent folder does not exist; create it first.")
+        if not os.access(parent, os.W_OK | os.X_OK):
             raise ConversionError(
-                f"{self.tmp}: a previous {what} was interrupted; pass --resume to continue it or delete it."
+                f"{parent}: cannot write here (no permission or a read-only file system); choose another destination."
             )
-        check_disk_space(destination, total_bytes)
-        self.tmp.mkdir(parents=True, exist_ok=True)
-        self.bar = None
+        self.lock = parent / f".{destination.name}.dsv4-lock"
+        self._acquire_lock()
+        try:
+            self.tmp = temp_dir_for(destination)
+            written = self._check_previous_run(fingerprint)
+            check_disk_space(destination, total_bytes - written)
+            self.tmp.mkdir(exist_ok=True)
+            if fingerprint is not None:
+                (self.tmp / FINGERPRINT_FILE).write_text(json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
+        except BaseException:
+            self._release_lock()
+            raise
         if progress:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=what)
 
+    def _acquire_lock(self) -> None:
+        for _ in range(2):
+            try:
+                fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    pid = int(self.lock.read_text().strip() or 0)
+                except (OSError, ValueError):
+                    pid = 0
+                if pid and _alive(pid):
+                    raise ConversionError(
+                        f"{self.destination}: another conversion (process {pid}) is writing this destination; wait "
+                        f"for it to finish, or delete {self.lock} if that process is gone."
+                    ) from None
+                self.lock.unlink(missing_ok=True)  # left by a process that no longer runs
+                continue
+            except OSError as exc:
+                raise ConversionError(f"{self.lock}: cannot create the lock file ({exc.strerror}).") from None
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            return
+        raise ConversionError(f"{self.lock}: could not take the lock; delete it and retry.")
+
+    def _release_lock(self) -> None:
+        self.lock.unlink(missing_ok=True)
+
+    def _check_previous_run(self, wanted: dict | None) -> int:
+        """Bytes of output shards an interrupted run left (0 without one); refuses what `--resume` cannot use."""
+        if not self.tmp.exists():
+            return 0
+        if not self.resume:
+            raise ConversionError(
+                f"{self.tmp}: a previous {self.what} was interrupted; pass --resume to continue it or delete it."
+            )
+        if wanted is not None:
+            try:
+                found = json.loads((self.tmp / FINGERPRINT_FILE).read_text())
+            except (OSError, json.JSONDecodeError):
+                found = None
+            if found != json.loads(json.dumps(wanted)):
+                raise ConversionError(
+                    f"{self.tmp}: cannot --resume: {_differences(found, wanted)}. Rerun with the original source and "
+                    "options, or delete this folder to start over."
+                )
+        return sum(p.stat().st_size for p in self.tmp.glob("*.safetensors"))
+
     def writer(self, plan: ShardPlan, prefix: str = "model", resume: bool = False) -> ShardedWriter:
         return ShardedWriter(self.tmp, plan, prefix, resume, self.bar)
 
+    @contextlib.contextmanager
+    def writing(self):
+        """Failures while writing become one `ConversionError` line. Ctrl-C / SIGTERM, a full disk or a file-size
+        limit keep the finished shards for `--resume` (and say so), as does any failure of a `--resume` run (it
+        never deletes earlier progress); otherwise the temporary folder is removed."""
+        try:
+            yield
+        except BaseException as exc:
+            interrupted = isinstance(exc, KeyboardInterrupt)
+            resumable = isinstance(exc, OSError) and exc.errno in _RESUMABLE_ERRNOS
+            if isinstance(exc, (KeyboardInterrupt, CheckpointError, OSError)):
+                reason = "interrupted" if interrupted else _describe(exc)
+            else:  # a bug: keep the traceback, but never leave a half-written folder behind
+                reason = None
+            if interrupted or resumable or self.resume:
+                self._close_bar()
+                self._release_lock()
+                after = f"the finished shards are kept in {self.tmp}; rerun the same command with --resume"
+            else:
+                self.discard()
+                after = "nothing was written"
+            if reason is None:
+                raise
+            error = ConversionInterrupted if interrupted else ConversionError
+            raise error(f"{reason}; {after}.") from None
+
     def copy_from(self, src: Path, names: Iterable[str]) -> None:
         """Copy the side files and folders among `names` that exist in `src` (tokenizer, chat template, the
-        official `encoding/` helpers, generation config, license) into the temporary folder."""
+        official `encoding/` helpers, generation config, license) into the temporary folder. Links are followed
+        only to files inside `src` (or, for a Hub cache snapshot, inside that repository's cache)."""
+        root = _copy_root(src)
         for name in names:
-            if (src / name).is_dir():
+            path = src / name
+            if not os.path.lexists(path):
+                continue
+            for item in [path, *(path.rglob("*") if path.is_dir() else ())]:
+                if item.is_symlink() and not _inside(item.resolve(), root):
+                    raise ConversionError(
+                        f"{item}: a link to {item.resolve()}, outside the source folder; copy the file into the "
+                        "source folder or remove the link."
+                    )
+            if path.is_dir():
                 # dirs_exist_ok: a resumed run may have copied it already; bytecode caches are not part of a release.
                 ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-                shutil.copytree(src / name, self.tmp / name, ignore=ignore, dirs_exist_ok=True)
-            elif (src / name).exists():
-                shutil.copy2(src / name, self.tmp / name)
+                shutil.copytree(path, self.tmp / name, ignore=ignore, dirs_exist_ok=True)
+            elif path.exists():
+                shutil.copy2(path, self.tmp / name)
+
+    def _close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
     def discard(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self._close_bar()
         shutil.rmtree(self.tmp, ignore_errors=True)
+        self._release_lock()
 
     def finish(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        finalize(self.tmp, self.destination)
+        self._close_bar()
+        (self.tmp / FINGERPRINT_FILE).unlink(missing_ok=True)
+        try:
+            finalize(self.tmp, self.destination)
+        finally:
+            self._release_lock()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _differences(found: dict | None, wanted: dict) -> str:
+    if not isinstance(found, dict):
+        return "the interrupted run left no record of its source and options"
+    changes = []
+    for key, value in wanted["options"].items():
+        if found.get("options", {}).get(key) != value:
+            changes.append(f"{key} was {found.get('options', {}).get(key)!r}, now {value!r}")
+    old, new = found.get("source_shards", {}), wanted["source_shards"]
+    changed = sorted(f for f in set(old) | set(new) if old.get(f) != new.get(f))
+    if changed:
+        changes.append(
+            f"the source shards changed since ({', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''})"
+        )
+    return "; ".join(changes) or "the record differs"
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and not isinstance(exc, CheckpointError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        hint = {
+            errno.ENOSPC: " (disk full: free space)",
+            errno.EDQUOT: " (disk quota exceeded)",
+            errno.EFBIG: " (file too large for this file system: use a smaller --shard-size)",
+        }.get(exc.errno, "")
+        return f"{where}{exc.strerror or exc}{hint}"
+    return str(exc)
+
+
+def _copy_root(src: Path) -> Path:
+    """Where links in `src` may point: the folder, or a Hub cache repository (`snapshots/<rev>` -> `blobs/`)."""
+    src = src.resolve()
+    return src.parent.parent if src.parent.name == "snapshots" else src
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.relative_to(root)
+    except ValueError:
+        return False
+    return True
 
 
 def temp_dir_for(destination: Path) -> Path:
@@ -201,6 +404,7 @@ def temp_dir_for(destination: Path) -> Path:
 
 
 def check_disk_space(destination: Path, needed: int) -> None:
+    """Refuse to start when the file system lacks about `needed` bytes (what is left to write, 5% margin)."""
     free = shutil.disk_usage(destination.parent).free
     if free < needed * 1.05:
         raise ConversionError(

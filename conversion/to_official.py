@@ -45,6 +45,7 @@ from .checkpoint import (
     OutputFolder,
     ShardPlan,
     SourceCheckpoint,
+    fingerprint,
 )
 from .official_config import official_config_from_plugin
 from .plugin_checks import check_plugin_tensors, check_table, read_plugin_folder
@@ -180,21 +181,24 @@ def convert_plugin_to_official(
     report = Report.of(source, plan, dst, dry_run)
     if dry_run:
         return report
-    out = OutputFolder(dst, plan.total_bytes, resume, progress, "export")
-    writer = out.writer(plan, "model", resume)
-    for name in names:
-        produced = _planned(name, None, expert_dtype, inter, stages, only_names=True)
-        if not any(writer.wants(p) for p in produced):
-            continue
-        value = source.load(name)
-        check_table(name, value, config, src / source.tensors[name].file)
-        for official, tensor in _official_tensors(name, value, hints_for(name), expert_dtype, inter, stages).items():
-            writer.add(official, tensor)
-    writer.finish()
-    config_json = json.dumps(official_config_from_plugin(config, expert_dtype), indent=2) + "\n"
-    (out.tmp / "config.json").write_text(config_json)
-    out.copy_from(src, ("generation_config.json", *COPIED_FILES))
-    out.finish()
+    options = {"command": "to-official", "expert_dtype": expert_dtype, "shard_size": shard_size}
+    out = OutputFolder(dst, plan.total_bytes, resume, progress, "export", fingerprint(source, **options))
+    with out.writing():
+        writer = out.writer(plan, "model", resume)
+        for name in names:
+            produced = _planned(name, None, expert_dtype, inter, stages, only_names=True)
+            if not any(writer.wants(p) for p in produced):
+                continue
+            value = source.load(name)
+            check_table(name, value, config, src / source.tensors[name].file)
+            tensors = _official_tensors(name, value, hints_for(name), expert_dtype, inter, stages)
+            for official, tensor in tensors.items():
+                writer.add(official, tensor)
+        writer.finish()
+        config_json = json.dumps(official_config_from_plugin(config, expert_dtype), indent=2) + "\n"
+        (out.tmp / "config.json").write_text(config_json)
+        out.copy_from(src, ("generation_config.json", *COPIED_FILES))
+        out.finish()
     return report
 
 

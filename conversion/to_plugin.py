@@ -32,11 +32,7 @@ from modeling_deepseek_v4.official_layout import (
     stream_outputs,
 )
 
-from .checkpoint import (
-    OutputFolder,
-    ShardPlan,
-    SourceCheckpoint,
-)
+from .checkpoint import OutputFolder, ShardPlan, SourceCheckpoint, fingerprint
 from .custom_code import write_custom_code
 
 
@@ -100,24 +96,27 @@ def convert_official_to_plugin(
     report = Report.of(source, model_plan, dst, dry_run)
     if dry_run:
         return report
-    out = OutputFolder(dst, model_plan.total_bytes + scale_plan.total_bytes, resume, progress)
-    writers = [out.writer(model_plan, "model", resume)]
-    if scale_plan.shards:
-        writers.append(out.writer(scale_plan, "official_scales", resume))
-    route = {name: w for w in writers for name in w.plan.sizes}
+    options = {"command": "to-hf", "dtype": dtype, "shard_size": shard_size}
+    total = model_plan.total_bytes + scale_plan.total_bytes
+    out = OutputFolder(dst, total, resume, progress, fingerprint=fingerprint(source, **options))
+    with out.writing():
+        writers = [out.writer(model_plan, "model", resume)]
+        if scale_plan.shards:
+            writers.append(out.writer(scale_plan, "official_scales", resume))
+        route = {name: w for w in writers for name in w.plan.sizes}
 
-    def wanted(name: str) -> bool:
-        # On --resume, outputs whose shards are complete are neither read nor rebuilt.
-        fake = {p: meta_piece(source, p) for p in outputs[name].pieces}
-        return any(route[p].wants(p) for p in build_output(outputs[name], fake, dtype))
+        def wanted(name: str) -> bool:
+            # On --resume, outputs whose shards are complete are neither read nor rebuilt.
+            fake = {p: meta_piece(source, p) for p in outputs[name].pieces}
+            return any(route[p].wants(p) for p in build_output(outputs[name], fake, dtype))
 
-    for _, built in stream_outputs(plan, dtype, wanted):
-        for produced, tensor in built.items():
-            route[produced].add(produced, tensor)
-    for writer in writers:
-        writer.finish()
-    _write_side_files(src, out, config, plan.raw, dtype)
-    out.finish()
+        for _, built in stream_outputs(plan, dtype, wanted):
+            for produced, tensor in built.items():
+                route[produced].add(produced, tensor)
+        for writer in writers:
+            writer.finish()
+        _write_side_files(src, out, config, plan.raw, dtype)
+        out.finish()
     return report
 
 
@@ -135,7 +134,8 @@ def _write_side_files(src: Path, out: OutputFolder, config, raw: dict, dtype: st
     info = {
         "converter": f"modeling_deepseek_v4 {__version__}",
         "direction": "official->plugin",
-        "source": str(src.resolve()),
+        # The folder's name only: an absolute path would publish the converting user's directories with the model.
+        "source": src.resolve().name,
         "source_revision": _revision(src),
         "dtype": dtype,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -19,6 +19,7 @@ from .checkpoint import (
     OutputFolder,
     ShardPlan,
     SourceCheckpoint,
+    fingerprint,
 )
 from .to_plugin import Report
 
@@ -54,27 +55,32 @@ def transcode_experts_to_fp8(
     report = Report.of(source, plan, dst, dry_run)
     if dry_run:
         return report
-    out = OutputFolder(dst, plan.total_bytes, resume, progress, "transcoding")
-    writer = out.writer(plan, "model", resume)
-    try:
+    options = {"command": "fp4-to-fp8", "shard_size": shard_size}
+    out = OutputFolder(dst, plan.total_bytes, resume, progress, "transcoding", fingerprint(source, **options))
+    with out.writing():
+        writer = out.writer(plan, "model", resume)
         for name in order:
             if name not in sizes or not writer.wants(name) or _is_fp4_scale(source, name):
                 continue
             info = source.tensors[name]
             if info.dtype == "I8":
                 scale = name[: -len(".weight")] + ".scale"
-                data, block_scale, _ = fp4_to_fp8_blocks(source.load(name), source.load(scale), strict=True, name=name)
+                try:
+                    data, block_scale, _ = fp4_to_fp8_blocks(
+                        source.load(name), source.load(scale), strict=True, name=name
+                    )
+                except ConversionError:
+                    raise
+                except ValueError as exc:  # a block that would round: named by fp4_to_fp8_blocks
+                    raise ConversionError(f"{src}: {exc}") from None
                 writer.add(name, data)
                 writer.add(scale, block_scale)
             else:
                 writer.add(name, source.load(name))
-    except ValueError as exc:
-        out.discard()
-        raise ConversionError(f"{src}: {exc}; nothing was written.") from None
-    writer.finish()
-    config = json.loads((src / "config.json").read_text()) if (src / "config.json").exists() else {}
-    config.pop("expert_dtype", None)
-    (out.tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    out.copy_from(src, ("generation_config.json", *COPIED_FILES))
-    out.finish()
+        writer.finish()
+        config = json.loads((src / "config.json").read_text()) if (src / "config.json").exists() else {}
+        config.pop("expert_dtype", None)
+        (out.tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        out.copy_from(src, ("generation_config.json", *COPIED_FILES))
+        out.finish()
     return report

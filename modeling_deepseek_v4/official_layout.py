@@ -446,6 +446,9 @@ def plan_official(folder: str | Path, dtype: str, overrides: dict | None = None)
     if dtype not in OUT_DTYPES:
         raise CheckpointError(f"dtype {dtype!r} is not supported; use one of {sorted(OUT_DTYPES)}.")
     folder = Path(folder)
+    if not folder.is_dir():
+        what = "does not exist" if not folder.exists() else "is not a folder"
+        raise CheckpointError(f"{folder}: {what}; pass the folder of an official DeepSeek-V4 checkpoint.")
     raw = {**read_official_config(folder), **(overrides or {})}
     source = SourceCheckpoint(folder)
     if raw.get("num_nextn_predict_layers") and not is_dspark(raw) and is_native_saved(source):

@@ -19,7 +19,7 @@ from modeling_deepseek_v4.conversion import (
     transcode_experts_to_fp8,
     verify_folder,
 )
-from modeling_deepseek_v4.conversion.checkpoint import ShardedWriter, temp_dir_for
+from modeling_deepseek_v4.conversion.checkpoint import ConversionInterrupted, ShardedWriter, temp_dir_for
 from modeling_deepseek_v4.conversion.cli import main as cli
 from modeling_deepseek_v4.quant_formats import quantize_fp4
 from tests.conftest import tiny_config
@@ -166,7 +166,8 @@ def test_interrupted_conversion_resumes(tmp_path, official, monkeypatch):
         return original_add(self, name, tensor)
 
     monkeypatch.setattr(ShardedWriter, "add", flaky)
-    with pytest.raises(KeyboardInterrupt):
+    # Ctrl-C (or SIGTERM, which the CLI turns into the same) keeps the finished shards and says how to continue.
+    with pytest.raises(ConversionInterrupted, match="interrupted; the finished shards are kept in .* --resume"):
         convert_official_to_plugin(official.folder, tmp_path / "hf", dtype="bf16", shard_size=SHARD, progress=False)
     tmp = temp_dir_for(tmp_path / "hf")
     assert tmp.exists() and not (tmp_path / "hf").exists()

@@ -3,6 +3,7 @@
 `trust_remote_code=True` where the package cannot be imported (local folder and offline Hub cache, as
 tests/test_hub_custom_code.py), and `push_folder` publishes it without touching it."""
 
+import errno
 import json
 import textwrap
 
@@ -11,7 +12,7 @@ import torch
 
 from modeling_deepseek_v4 import DeepseekV4ExtForCausalLM
 from modeling_deepseek_v4.conversion import convert_official_to_plugin, to_plugin
-from modeling_deepseek_v4.conversion.checkpoint import temp_dir_for
+from modeling_deepseek_v4.conversion.checkpoint import ConversionError, temp_dir_for
 from modeling_deepseek_v4.model_cards import push_folder
 from tests.conftest import tiny_config, tiny_model
 from tests.conversion.official_synth import BOS_TOKEN, make_official_checkpoint
@@ -131,10 +132,11 @@ def test_a_failed_conversion_leaves_no_destination_and_resumes(tmp_path, convert
     official, folder = converted
 
     def fail(src):
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(to_plugin, "_revision", fail)
-    with pytest.raises(OSError, match="disk full"):
+    # A full disk keeps what was written for --resume and says so.
+    with pytest.raises(ConversionError, match=r"disk full: free space\); the finished shards are kept .* --resume"):
         convert_official_to_plugin(official.folder, tmp_path / "hf", dtype="fp32", progress=False)
     assert not (tmp_path / "hf").exists()
     assert (temp_dir_for(tmp_path / "hf") / "modeling_deepseek_v4.py").exists()
