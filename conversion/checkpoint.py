@@ -173,8 +173,8 @@ FINGERPRINT_FILE = ".dsv4-resume.json"
 
 
 def fingerprint(source: SourceCheckpoint, **options) -> dict:
-    """What a `--resume` must find unchanged: the options and, per source shard, its size and a hash of its header
-    (names, dtypes, shapes and offsets of every tensor)."""
+    """What a `--resume` must find unchanged: the options and, per source shard, its size, modification time and a
+    hash of its header (names, dtypes, shapes and offsets of every tensor)."""
     shards = {}
     for file in source.files:
         path = source.folder / file
@@ -182,7 +182,9 @@ def fingerprint(source: SourceCheckpoint, **options) -> dict:
             length = struct.unpack("<Q", f.read(8))[0]
             f.seek(0)
             digest = hashlib.sha256(f.read(8 + length)).hexdigest()
-        shards[file] = {"bytes": path.stat().st_size, "header_sha256": digest}
+        stat = path.stat()
+        # The modification time catches a shard rewritten with the same header (new values, same shapes).
+        shards[file] = {"bytes": stat.st_size, "header_sha256": digest, "mtime_ns": stat.st_mtime_ns}
     return {"options": options, "source_shards": shards}
 
 
