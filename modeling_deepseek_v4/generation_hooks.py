@@ -85,10 +85,18 @@ class DeepseekV4GenerationHooks:
             return build_mtp_candidate_generator(self, generation_config, input_ids, *args, **kwargs)
         return super()._get_candidate_generator(generation_config, input_ids, *args, **kwargs)
 
-    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, inputs_embeds=None, **kwargs):
         """As transformers', but always hand the model the 2-D mask: it does its own masking, and `generate`
-        would otherwise build 4-D masks for compileable caches (the static cache)."""
-        inputs = super().prepare_inputs_for_generation(input_ids, attention_mask=attention_mask, **kwargs)
+        would otherwise build 4-D masks for compileable caches (the static cache). With `inputs_embeds`, the
+        prompt's `input_ids` (when given to `generate` too) stay next to them: hash-routed layers pick experts by
+        token id."""
+        inputs = super().prepare_inputs_for_generation(
+            input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs
+        )
+        embeds = inputs.get("inputs_embeds")
+        if embeds is not None and inputs.get("input_ids") is None and input_ids is not None:
+            if input_ids.shape[1] >= embeds.shape[1] > 0:
+                inputs["input_ids"] = input_ids[:, -embeds.shape[1] :]
         if attention_mask is None:
             inputs.pop("attention_mask", None)
         else:

@@ -249,8 +249,37 @@ def _valid_tokens(attention_mask: torch.Tensor | None, batch: int, seq_len: int)
             f"{tuple(attention_mask.shape)} for {batch} x {seq_len} new tokens); causality, the sliding window "
             "and compression are handled inside the model."
         )
-    valid = attention_mask[:, -seq_len:].bool()
+    mask = attention_mask[:, -seq_len:]
+    if mask.is_floating_point() and bool((mask < 0).any()):
+        # An additive mask (0 = attend, a large negative or -inf = masked), as some pipelines build them.
+        if not bool(((mask == 0) | (mask <= -1e4)).all()):
+            raise ValueError(
+                "attention_mask has negative values that are not an additive mask's (0 for real tokens, <= -1e4 or "
+                "-inf for padding); pass a 0/1 mask [batch, past + new tokens]."
+            )
+        valid = mask == 0
+    else:
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError(
+                "attention_mask must hold 0 (padding) and 1 (real token) only, or be an additive 0 / -inf mask."
+            )
+        valid = mask.bool()
     return None if bool(valid.all()) else valid
+
+
+def _check_inputs(input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> None:
+    """`input_ids [B, S]` and / or `inputs_embeds [B, S, d]` (both: the embeddings are used, the ids feed the
+    hash-routed layers, which pick experts by token id), with at least one token per row."""
+    if input_ids is None and inputs_embeds is None:
+        raise ValueError("Pass `input_ids` [batch, tokens] or `inputs_embeds` [batch, tokens, hidden].")
+    if input_ids is not None and inputs_embeds is not None and input_ids.shape != inputs_embeds.shape[:2]:
+        raise ValueError(
+            f"input_ids {tuple(input_ids.shape)} and inputs_embeds {tuple(inputs_embeds.shape)} disagree: with both, "
+            "input_ids must name the tokens of inputs_embeds (the hash-routed layers read them)."
+        )
+    shape = tuple(input_ids.shape if input_ids is not None else inputs_embeds.shape[:2])
+    if 0 in shape:
+        raise ValueError(f"The input is empty (batch x tokens = {shape}); pass at least one token per row.")
 
 
 def _rows_gather(x: torch.Tensor | None, order: torch.Tensor) -> torch.Tensor | None:
@@ -338,8 +367,7 @@ class DeepseekV4ExtModel(DeepseekV4ExtPreTrainedModel):
         for API compatibility and ignored (it must equal `cumsum(attention_mask) - 1`, what `generate` passes).
         The cache comes as `cache=` (transformers >= 5.24) or `past_key_values=` (its older name); the output
         carries it under both names (compat.py)."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        _check_inputs(input_ids, inputs_embeds)
         _warn_ignored_requests(self.config, kwargs)
         _refuse_packed_rows(position_ids, attention_mask, kwargs)
         use_cache = self.config.use_cache if use_cache is None else use_cache

@@ -69,7 +69,7 @@ class DeepseekV4HashRouter(DeepseekV4TopKRouter):
         if input_ids is None:
             raise ValueError(
                 "This DeepSeek-V4 layer is hash-routed (experts come from `tid2eid[input_id]`), so it needs "
-                "`input_ids`; calling the model with `inputs_embeds` only is not possible for such checkpoints."
+                "`input_ids`: pass them together with `inputs_embeds` (to the model or to `generate`)."
             )
         return self.tid2eid[input_ids.reshape(-1)].long()
 
