@@ -82,3 +82,20 @@ def test_left_padded_greedy_generate_equals_single(schedule):
         for row, seq in enumerate(seqs):
             alone = model.generate(seq[None], attention_mask=torch.ones(1, len(seq), dtype=torch.long), **kwargs)
             assert batched[row].tolist() == alone[0, len(seq) :].tolist()
+
+
+def test_padded_hidden_states_lie_on_the_output_graph():
+    """`hidden_states` of a padded batch are the tensors the outputs are computed from (caller's order), so
+    `retain_grad()` on them receives the outputs' gradient (transformers' test_retain_grad_hidden_states_attentions);
+    real positions do not depend on pads, so the pads' gradient is zero."""
+    model = tiny_model()
+    seqs, ids, mask = padded_batch(LENGTHS, "left")
+    out = model(ids, attention_mask=mask, use_cache=False, output_hidden_states=True)
+    for hidden in out.hidden_states:
+        hidden.retain_grad()
+    out.logits[mask.bool()].sum().backward()
+    assert len(out.hidden_states) == model.config.num_hidden_layers + 1
+    for hidden in out.hidden_states:
+        assert hidden.grad is not None
+        assert hidden.grad[mask.bool()].abs().sum() > 0
+        assert hidden.grad[~mask.bool()].abs().sum() == 0
