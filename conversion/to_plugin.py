@@ -134,14 +134,22 @@ def _write_side_files(src: Path, out: OutputFolder, config, raw: dict, dtype: st
     info = {
         "converter": f"modeling_deepseek_v4 {__version__}",
         "direction": "official->plugin",
-        # The folder's name only: an absolute path would publish the converting user's directories with the model.
-        "source": src.resolve().name,
+        # A Hub repo id or the folder's name: an absolute path would publish the user's directories with the model.
+        "source": _source_name(src),
         "source_revision": _revision(src),
         "dtype": dtype,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "official_expert_dtype": raw.get("expert_dtype"),
     }
     (tmp / "dsv4_conversion.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def _source_name(src: Path) -> str:
+    """`org/name` for a Hub cache snapshot (`.../models--org--name/snapshots/<rev>`), else the folder's name."""
+    parts = src.resolve().parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        return parts[-3][len("models--") :].replace("--", "/")
+    return parts[-1]
 
 
 def _revision(src: Path) -> str | None:

@@ -28,6 +28,9 @@ DSpark (`DeepSeek-V4-Flash-0731` / `-Flash-DSpark`; dspark.md §2.2, official-fo
 that these releases keep under `mtp.*` instead of the MTP block. With them, `num_nextn_predict_layers` is stored as
 0 (the official files keep a stale 1) and `dspark_num_stages` counts the drafter's blocks, which take the trailing
 `compress_ratios` entries (all 0: sliding window only).
+
+Validation: every value rule (sizes, ranges, unsupported options, wrong JSON types) is in `config_checks.py`; it runs
+at the end of `__post_init__` and again through `validate()`.
 """
 
 import copy
@@ -37,23 +40,34 @@ from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 
-SLIDING = "sliding_attention"
-CSA = "compressed_sparse_attention"
-HCA = "heavily_compressed_attention"
-DEEPSEEK_V4_LAYER_TYPES = (SLIDING, CSA, HCA)
-DEFAULT_COMPRESS_RATES = {CSA: 4, HCA: 128}
+from .config_checks import (
+    CSA,
+    DEFAULT_COMPRESS_RATES,
+    DSPARK_KEYS,
+    HCA,
+    ROPE_TYPES,
+    SLIDING,
+    check_compress_rates,
+    check_int,
+    check_kwargs,
+    check_layer_types,
+    check_ratios,
+    check_rope,
+    check_rope_nesting,
+    check_schedule,
+    check_values,
+    clean_type_errors,
+    fail,
+    is_number,
+)
+
 DEFAULT_NUM_HASH_LAYERS = 3
 # `qk_rope_head_dim` (64) / `head_dim` (512), as native.
 DEFAULT_PARTIAL_ROTARY_FACTOR = 64 / 512
-SCORING_FUNCS = ("sqrtsoftplus", "softmax", "sigmoid")
-OPS_BACKENDS = ("auto", "reference", "triton")
-EXPERT_DTYPES = ("fp4", "fp8", None)
-ROPE_TYPES = ("default", "yarn")
 ACCEPTED_MODEL_TYPES = (None, "deepseek_v4", "deepseek_v4_ext")
 # Keys that only the reference `inference/config.json` (`ModelArgs`) uses.
 _MODEL_ARGS_KEYS = ("dim", "n_layers", "n_heads", "moe_inter_dim", "n_activated_experts", "n_hash_layers")
-# The official DSpark keys (dspark.md §2.2) and the names SGLang also accepts inside a nested `dspark_config`.
-DSPARK_KEYS = ("dspark_block_size", "dspark_noise_token_id", "dspark_target_layer_ids", "dspark_markov_rank")
+# The names SGLang also accepts inside a nested `dspark_config`, for the official DSpark keys (dspark.md §2.2).
 _DSPARK_NESTED = {
     "block_size": "dspark_block_size",
     "noise_token_id": "dspark_noise_token_id",
@@ -83,21 +97,6 @@ def official_compress_ratios(
     return ratios + [0] * num_nextn_predict_layers
 
 
-def _fail(field: str, value: Any, expected: str) -> None:
-    raise ValueError(f"DeepseekV4ExtConfig: invalid `{field}`={value!r}; {expected}.")
-
-
-def _check_compress_rates(rates: Any) -> None:
-    ok = isinstance(rates, dict) and set(rates) == {CSA, HCA}
-    ok = ok and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in rates.values())
-    if not ok or rates[CSA] == rates[HCA]:
-        _fail(
-            "compress_rates",
-            rates,
-            f"expected exactly these keys, two different positive ints: {DEFAULT_COMPRESS_RATES}",
-        )
-
-
 def _check_foreign_input(kwargs: dict[str, Any]) -> None:
     model_type = kwargs.get("model_type")
     if model_type == "deepseek_v41" or "text_config" in kwargs or "vision_config" in kwargs:
@@ -107,7 +106,7 @@ def _check_foreign_input(kwargs: dict[str, Any]) -> None:
             "this package. Use a DeepSeek-V4 (Flash / Pro) checkpoint."
         )
     if model_type not in ACCEPTED_MODEL_TYPES:
-        _fail("model_type", model_type, f"expected one of {ACCEPTED_MODEL_TYPES[1:]}")
+        fail("model_type", model_type, f"expected one of {ACCEPTED_MODEL_TYPES[1:]}")
     found = [key for key in _MODEL_ARGS_KEYS if key in kwargs]
     if found:
         raise ValueError(
@@ -116,6 +115,7 @@ def _check_foreign_input(kwargs: dict[str, Any]) -> None:
         )
 
 
+@clean_type_errors
 @strict
 class DeepseekV4ExtConfig(PreTrainedConfig):
     r"""Configuration of a DeepSeek-V4 causal LM (`model_type="deepseek_v4_ext"`); defaults are V4-Flash.
@@ -235,6 +235,7 @@ class DeepseekV4ExtConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs: Any) -> None:
         _check_foreign_input(kwargs)
+        check_kwargs(kwargs)
         # `model_type` is a class attribute; an instance copy (e.g. "deepseek_v4") would shadow it.
         kwargs.pop("model_type", None)
         csa_rate = kwargs.pop("compress_rate_csa", None)
@@ -243,32 +244,30 @@ class DeepseekV4ExtConfig(PreTrainedConfig):
         qk_rope_head_dim = kwargs.pop("qk_rope_head_dim", None)
         rope_scaling = kwargs.pop("rope_scaling", None)
         self._resolve_dspark(kwargs.pop("dspark_config", None), kwargs.pop("markov_rank", None))
-        for field, value in (("num_hidden_layers", self.num_hidden_layers), ("head_dim", self.head_dim)):
-            if value < 1:
-                _fail(field, value, "expected an int >= 1")
+        for field in ("num_hidden_layers", "head_dim"):
+            check_int(field, getattr(self, field))
         for field in ("num_nextn_predict_layers", "dspark_num_stages"):
-            if getattr(self, field) < 0:
-                _fail(field, getattr(self, field), "expected an int >= 0")
+            check_int(field, getattr(self, field), minimum=0)
         self._resolve_schedule(csa_rate, hca_rate)
         self._resolve_hash_layers(mlp_layer_types)
         self._resolve_rope(qk_rope_head_dim, rope_scaling)
         super().__post_init__(**kwargs)
-        self._check_values()
+        check_values(self)
 
     # ---- normalisation ------------------------------------------------------------------------------------------
 
     def _resolve_dspark(self, nested: dict | None, markov_rank: int | None) -> None:
         if nested is not None and not isinstance(nested, dict):
-            _fail("dspark_config", nested, "expected a dict")
+            fail("dspark_config", nested, "expected a dict")
         sources = [(f"dspark_config[{k!r}]", _DSPARK_NESTED.get(k), v) for k, v in (nested or {}).items()]
         unknown = [label for label, field, _ in sources if field is None]
         if unknown:
-            _fail("dspark_config", nested, f"unknown keys {unknown}; expected keys from {sorted(_DSPARK_NESTED)}")
+            fail("dspark_config", nested, f"unknown keys {unknown}; expected keys from {sorted(_DSPARK_NESTED)}")
         if markov_rank is not None:
             sources.append(("markov_rank", "dspark_markov_rank", markov_rank))
         for label, field, value in sources:
             if getattr(self, field) is not None and getattr(self, field) != value:
-                _fail(field, getattr(self, field), f"it disagrees with `{label}`={value!r}")
+                fail(field, getattr(self, field), f"it disagrees with `{label}`={value!r}")
             setattr(self, field, value)
         if not self.dspark_num_stages and all(getattr(self, key) is None for key in DSPARK_KEYS):
             return
@@ -277,7 +276,7 @@ class DeepseekV4ExtConfig(PreTrainedConfig):
         if self.dspark_num_stages == 0:
             extra = len(self.compress_ratios) - self.num_hidden_layers if self.compress_ratios is not None else 0
             if extra < 1:
-                _fail(
+                fail(
                     "dspark_num_stages",
                     0,
                     "the dspark_* keys need a drafter: set the number of stages, or give `compress_ratios` with one "
@@ -291,7 +290,7 @@ class DeepseekV4ExtConfig(PreTrainedConfig):
             rates[CSA] = csa_rate
         if hca_rate is not None:
             rates[HCA] = hca_rate
-        _check_compress_rates(rates)
+        check_compress_rates(rates)
         self.compress_rates = rates
         n, n_mtp = self.num_hidden_layers, self.num_nextn_predict_layers + self.dspark_num_stages
         ratio_of = {SLIDING: 0, CSA: rates[CSA], HCA: rates[HCA]}
@@ -304,16 +303,16 @@ class DeepseekV4ExtConfig(PreTrainedConfig):
                     f"expected {n} (layers) or {n + n_mtp} (layers + MTP blocks / DSpark stages) entries, "
                     f"got {len(ratios)}"
                 )
-                _fail("compress_ratios", ratios, expected)
+                fail("compress_ratios", ratios, expected)
         elif self.layer_types is not None:
-            self._check_layer_types(self.layer_types)
+            check_layer_types(self, self.layer_types)
             ratios = [ratio_of[t] for t in self.layer_types] + [0] * n_mtp
         else:
             ratios = official_compress_ratios(n, n_mtp, rates)
-        self._check_ratios(ratios)
+        check_ratios(self, ratios)
         derived = self._types_from_ratios(ratios)
         if self.layer_types is not None and list(self.layer_types) != derived:
-            _fail("layer_types", self.layer_types, f"it disagrees with `compress_ratios`={ratios}; pass only one")
+            fail("layer_types", self.layer_types, f"it disagrees with `compress_ratios`={ratios}; pass only one")
         self.compress_ratios = ratios
         self.layer_types = derived
 
@@ -323,17 +322,18 @@ class DeepseekV4ExtConfig(PreTrainedConfig):
             types = list(mlp_layer_types)
             n_hash = types.count("hash_moe")
             if len(types) != n or any(t not in ("hash_moe", "moe") for t in types):
-                _fail("mlp_layer_types", types, f'expected {n} entries from ("hash_moe", "moe")')
+                fail("mlp_layer_types", types, f'expected {n} entries from ("hash_moe", "moe")')
             if types[:n_hash] != ["hash_moe"] * n_hash:
-                _fail("mlp_layer_types", types, 'V4 hash-routes only its first layers: "hash_moe" must be a prefix')
+                fail("mlp_layer_types", types, 'V4 hash-routes only its first layers: "hash_moe" must be a prefix')
             if self.num_hash_layers is not None and self.num_hash_layers != n_hash:
-                _fail("num_hash_layers", self.num_hash_layers, f"it disagrees with `mlp_layer_types` ({n_hash})")
+                fail("num_hash_layers", self.num_hash_layers, f"it disagrees with `mlp_layer_types` ({n_hash})")
             self.num_hash_layers = n_hash
         elif self.num_hash_layers is None:
             self.num_hash_layers = min(DEFAULT_NUM_HASH_LAYERS, n)
 
     def _resolve_rope(self, qk_rope_head_dim: int | None, rope_scaling: dict | None) -> None:
         params = copy.deepcopy(self.rope_parameters) if self.rope_parameters else {}
+        check_rope_nesting(params)
         nested = isinstance(params.get("main"), dict) and isinstance(params.get("compress"), dict)
         factor = self.partial_rotary_factor
         if factor is None:
@@ -343,8 +343,10 @@ class DeepseekV4ExtConfig(PreTrainedConfig):
                 factor = params["main"]["partial_rotary_factor"]
             else:
                 factor = DEFAULT_PARTIAL_ROTARY_FACTOR
+        if not is_number(factor):
+            fail("partial_rotary_factor", factor, "expected a finite number in (0, 1] (rotary share of head_dim)")
         if qk_rope_head_dim is not None and int(self.head_dim * factor) != qk_rope_head_dim:
-            _fail(
+            fail(
                 "qk_rope_head_dim",
                 qk_rope_head_dim,
                 f"!= head_dim * partial_rotary_factor ({self.head_dim} * {factor})",
@@ -357,7 +359,7 @@ class DeepseekV4ExtConfig(PreTrainedConfig):
             main, compress = _rename_type(params["main"]), _rename_type(params["compress"])
             keys = set(scaling or {}) - {"rope_theta", "partial_rotary_factor"}
             if any(compress.get(k) != scaling[k] for k in keys):
-                _fail("rope_scaling", rope_scaling, f"it disagrees with rope_parameters['compress']={compress}")
+                fail("rope_scaling", rope_scaling, f"it disagrees with rope_parameters['compress']={compress}")
             # Native semantics: the nested dict holds the thetas; keep the scalar fields in sync with it.
             self.rope_theta = main.setdefault("rope_theta", self.rope_theta)
             self.compress_rope_theta = compress.setdefault("rope_theta", self.compress_rope_theta)
@@ -372,126 +374,36 @@ class DeepseekV4ExtConfig(PreTrainedConfig):
         for label, sub in (("main", main), ("compress", compress)):
             sub.setdefault("rope_type", "default")
             if sub["rope_type"] not in ROPE_TYPES:
-                _fail(f"rope_parameters['{label}']['rope_type']", sub["rope_type"], f"expected one of {ROPE_TYPES}")
+                fail(f"rope_parameters['{label}']['rope_type']", sub["rope_type"], f"expected one of {ROPE_TYPES}")
             if sub.setdefault("partial_rotary_factor", self.partial_rotary_factor) != self.partial_rotary_factor:
-                _fail(f"rope_parameters['{label}']", sub, f"partial_rotary_factor != {self.partial_rotary_factor}")
+                fail(f"rope_parameters['{label}']", sub, f"partial_rotary_factor != {self.partial_rotary_factor}")
             if sub["rope_type"] == "yarn":
                 if "factor" not in sub:
-                    _fail(f"rope_parameters['{label}']", sub, 'a "yarn" entry needs a "factor"')
+                    fail(f"rope_parameters['{label}']", sub, 'a "yarn" entry needs a "factor"')
                 sub.setdefault("original_max_position_embeddings", self.max_position_embeddings)
         if compress["rope_type"] == "yarn":
             # The V4 reference does not scale cos/sin by YaRN's mscale (native forces the same).
             compress.setdefault("attention_factor", 1.0)
         self.rope_parameters = {"main": main, "compress": compress}
 
-    # ---- validation (runs in `__post_init__`, again through `validate()`) --------------------------------------
+    # ---- validation (runs in `__post_init__`, again through `validate()`; the rules are in config_checks.py) ----
 
     def _types_from_ratios(self, ratios: list[int]) -> list[str]:
         type_of = {0: SLIDING, self.compress_rates[CSA]: CSA, self.compress_rates[HCA]: HCA}
         return [type_of[r] for r in ratios[: self.num_hidden_layers]]
 
-    def _check_layer_types(self, layer_types: list[str]) -> None:
-        if len(layer_types) != self.num_hidden_layers or any(t not in DEEPSEEK_V4_LAYER_TYPES for t in layer_types):
-            expected = f"expected {self.num_hidden_layers} (num_hidden_layers) entries from {DEEPSEEK_V4_LAYER_TYPES}"
-            _fail("layer_types", layer_types, expected)
-
-    def _check_ratios(self, ratios: list[int]) -> None:
-        allowed = (0, self.compress_rates[CSA], self.compress_rates[HCA])
-        bad = [r for r in ratios if isinstance(r, bool) or r not in allowed]
-        if bad:
-            expected = f"entries {bad} are neither 0 (sliding only) nor a rate of compress_rates={self.compress_rates}"
-            _fail("compress_ratios", ratios, expected + "; set `compress_rates` to the checkpoint's CSA / HCA rates")
-
-    def _check_schedule(self) -> None:
-        _check_compress_rates(self.compress_rates)
-        if self.dspark_num_stages and self.num_nextn_predict_layers:
-            expected = "a DSpark checkpoint has no MTP block (its mtp.* tensors are the drafter); use 0"
-            _fail("num_nextn_predict_layers", self.num_nextn_predict_layers, expected)
-        n_total = self.num_hidden_layers + self.num_nextn_predict_layers + self.dspark_num_stages
-        if self.compress_ratios is None or len(self.compress_ratios) != n_total:
-            expected = f"expected {n_total} entries (layers + MTP blocks + DSpark stages)"
-            _fail("compress_ratios", self.compress_ratios, expected)
-        self._check_ratios(self.compress_ratios)
-        if self.dspark_num_stages and any(self.compress_ratios[n_total - self.dspark_num_stages :]):
-            expected = f"the last {self.dspark_num_stages} entries are the DSpark stages, which are sliding only (0)"
-            _fail("compress_ratios", self.compress_ratios, expected)
-        self._check_layer_types(self.layer_types)
-        if list(self.layer_types) != self._types_from_ratios(self.compress_ratios):
-            _fail("layer_types", self.layer_types, f"it disagrees with `compress_ratios`={self.compress_ratios}")
-
-    def _check_dspark(self) -> None:
-        stages, values = self.dspark_num_stages, {key: getattr(self, key) for key in DSPARK_KEYS}
-        if not _is_int(stages) or stages < 0:
-            _fail("dspark_num_stages", stages, "expected an int >= 0")
-        if stages == 0:
-            given = [key for key, value in values.items() if value is not None]
-            if given:
-                _fail(given[0], values[given[0]], "the dspark_* keys describe a drafter but `dspark_num_stages` is 0")
-            return
-        for key, value in values.items():
-            if value is None:
-                _fail(key, value, f"a DSpark drafter (dspark_num_stages={stages}) needs all of {list(DSPARK_KEYS)}")
-        for key in ("dspark_block_size", "dspark_markov_rank"):
-            if not _is_int(values[key]) or values[key] < 1:
-                _fail(key, values[key], "expected an int >= 1")
-        noise = values["dspark_noise_token_id"]
-        if not _is_int(noise) or not 0 <= noise < self.vocab_size:
-            _fail("dspark_noise_token_id", noise, f"expected a token id in [0, {self.vocab_size}) (vocab_size)")
-        ids, n = values["dspark_target_layer_ids"], self.num_hidden_layers
-        ok = isinstance(ids, list) and len(ids) > 0 and all(_is_int(i) and 0 <= i < n for i in ids)
-        if not ok or any(a >= b for a, b in zip(ids, ids[1:])):
-            _fail("dspark_target_layer_ids", ids, f"expected strictly increasing layer ids in [0, {n}) (main layers)")
-
-    def _check_values(self) -> None:
-        self._check_schedule()
-        self._check_dspark()
-        for field in ("sliding_window", "hc_mult", "hc_sinkhorn_iters", "index_topk", "o_groups"):
-            if getattr(self, field) < 1:
-                _fail(field, getattr(self, field), "expected an int >= 1")
-        for field in ("attn_chunk_size", "indexer_chunk_size"):
-            if getattr(self, field) < 1:
-                _fail(field, getattr(self, field), "expected an int >= 1 (query rows processed per chunk)")
-        qk, heads, n_routed = self.qk_rope_head_dim, self.num_attention_heads, self.n_routed_experts
-        checks = (
-            (heads % self.o_groups == 0, "o_groups", f"it must divide num_attention_heads ({heads})"),
-            (self.num_key_value_heads == 1, "num_key_value_heads", "V4 uses one shared KV head (MQA); use 1"),
-            (
-                qk > 0 and qk % 2 == 0 and qk <= min(self.head_dim, self.index_head_dim),
-                "qk_rope_head_dim",
-                f"expected even, in [2, min(head_dim, index_head_dim) = {min(self.head_dim, self.index_head_dim)}]; "
-                "adjust `partial_rotary_factor`",
-            ),
-            (
-                1 <= self.num_experts_per_tok <= n_routed,
-                "num_experts_per_tok",
-                f"expected 1..{n_routed} (n_routed_experts)",
-            ),
-            (
-                0 <= self.num_hash_layers <= self.num_hidden_layers,
-                "num_hash_layers",
-                f"expected 0..{self.num_hidden_layers} (num_hidden_layers)",
-            ),
-            (self.n_shared_experts in (0, 1), "n_shared_experts", "V4 has one shared expert per layer; use 1 (or 0)"),
-            (not self.tie_word_embeddings, "tie_word_embeddings", "V4 has separate embedding and LM head; use False"),
-            (self.scoring_func in SCORING_FUNCS, "scoring_func", f"expected one of {SCORING_FUNCS}"),
-            (self.ops_backend in OPS_BACKENDS, "ops_backend", f"expected one of {OPS_BACKENDS}"),
-            (self.expert_dtype in EXPERT_DTYPES, "expert_dtype", f"expected one of {EXPERT_DTYPES}"),
-        )
-        for ok, field, expected in checks:
-            if not ok:
-                _fail(field, getattr(self, field), expected)
-
     def validate_v4_values(self) -> None:
         """`@strict` class validator: re-checks every value, e.g. after attributes were edited."""
-        self._check_values()
+        check_values(self)
 
     def validate_layer_type(self) -> None:
         """Narrows the base check to V4's three attention types and checks them against `compress_ratios`."""
-        self._check_schedule()
+        check_schedule(self)
 
     def validate_rope(self) -> None:
         """Validates the `main` / `compress` entries separately (the base check expects layer-type keys)."""
-        params = getattr(self, "rope_parameters", None) or {}
+        check_rope(self)
+        params = self.rope_parameters
         for label in self._rope_type_labels:
             sub = params.get(label)
             if not isinstance(sub, dict):
@@ -524,10 +436,6 @@ class DeepseekV4ExtConfig(PreTrainedConfig):
                 f"layer_idx {layer_idx} is out of range [0, {len(self.compress_ratios)}) (layers + MTP / DSpark)"
             )
         return layer_idx < self.num_hash_layers
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _rename_type(params: dict[str, Any]) -> dict[str, Any]:

@@ -408,9 +408,14 @@ def meta_piece(source: SourceCheckpoint, name: str) -> torch.Tensor:
 def dspark_stages(source: SourceCheckpoint, raw: dict) -> int | None:
     """The DSpark stage count of a checkpoint with `dspark_*` config keys, from its `mtp.*` tensors; else None."""
     stages = mtp_stage_count(source)
+    declared = raw.get("num_nextn_predict_layers", 1)
+    if not isinstance(declared, int) or isinstance(declared, bool) or declared < 0:
+        raise CheckpointError(
+            f"config.json: invalid `num_nextn_predict_layers`={declared!r}; expected an int >= 0 (a JSON number)."
+        )
     if not is_dspark(raw):
         drafter = any(name.startswith("mtp.0.main_proj.") for name in source.tensors)
-        if drafter or stages > raw.get("num_nextn_predict_layers", 1):
+        if drafter or stages > declared:
             raise CheckpointError(
                 f"{source.folder}: the mtp.* tensors ({stages} block(s){', main_proj' if drafter else ''}) are a "
                 "DSpark drafter, but config.json has no dspark_* keys (dspark_block_size, dspark_noise_token_id, "

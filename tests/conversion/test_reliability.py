@@ -262,6 +262,12 @@ TO_HF_CASES = [
     ),
     ("config-not-json", lambda f: (f / "config.json").write_text("{"), r"config.json: unreadable JSON"),
     ("config-bad-value", set_config("compress_ratios", [0, 0, 4, 7, 4, 0]), r"invalid `compress_ratios`"),
+    ("config-string-for-int", set_config("hidden_size", "64"), r"invalid `hidden_size`='64'; expected an int"),
+    (
+        "config-quoted-mtp-count",
+        set_config("num_nextn_predict_layers", "1"),
+        r"invalid `num_nextn_predict_layers`='1'; expected an int",
+    ),
     ("config-v41", set_config("model_type", "deepseek_v41"), r"DeepSeek-V4.1.*(not supported|out of scope)"),
     (
         "link-outside-source",
