@@ -22,6 +22,7 @@ from .ops import rms_norm, sparse_attention
 from .reference_numerics import kv_fp8_roundtrip
 from .rope import BatchMeta, apply_rope
 from .static_cache import window_step
+from .weight_formats import grouped_linear
 
 
 class DeepseekV4GroupedLinear(nn.Module):
@@ -41,8 +42,7 @@ class DeepseekV4GroupedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x `[..., g, H * D / g]` -> `[..., g * d_g]`."""
-        w = self.weight.view(self.n_groups, -1, self.in_features)
-        return torch.einsum("...gi,goi->...go", x, w).flatten(-2)
+        return grouped_linear(x, self.weight, self.n_groups)
 
     def extra_repr(self) -> str:
         return f"groups={self.n_groups}, in_per_group={self.in_features}, out={self.out_features}"

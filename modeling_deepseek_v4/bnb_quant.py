@@ -34,6 +34,7 @@ from torch import nn
 from .attention import DeepseekV4GroupedLinear
 from .moe import DeepseekV4Experts
 from .quantized_modules import _KeepsStorageDtype
+from .weight_formats import grouped_linear
 
 
 class _LazyBnb:
@@ -218,8 +219,7 @@ class DeepseekV4Bnb4bitGroupedLinear(_Bnb4bitStorage):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x `[..., g, H * D / g]` -> `[..., g * d_g]` in x.dtype."""
-        w = self.weight_view("weight")[0].view(self.n_groups, -1, self.in_features)
-        return torch.einsum("...gi,goi->...go", x.to(self.compute_dtype), w).flatten(-2).to(x.dtype)
+        return grouped_linear(x.to(self.compute_dtype), self.weight_view("weight")[0], self.n_groups).to(x.dtype)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.weight_view("weight", dtype)[0]

@@ -24,7 +24,8 @@ import torch
 from .checkpoint_reader import DTYPES, CheckpointError, SourceCheckpoint
 from .configuration_deepseek_v4 import DeepseekV4ExtConfig
 from .official_names import OfficialName, UnknownTensorError, official_to_plugin
-from .quant_formats import dequantize_fp4, dequantize_fp8_blocks
+from .quant_formats import dequantize_weight
+from .weight_formats import FORMATS, format_of, is_official_fp8_linear
 
 # inference/config.json (ModelArgs) -> root config.json names (official-format.md §4-§5).
 _MODEL_ARGS = {
@@ -254,15 +255,17 @@ def _check_scale_form(source: SourceCheckpoint, weight: str, scale: str | None) 
             "FP8 or packed FP4 weight, and would be ignored here; the checkpoint mixes formats (re-download it)."
         )
     scale_info = source.tensors[scale]
-    rows, cols = info.shape[0], info.shape[-1]
-    if info.dtype == "I8":  # packed FP4: two values per byte, one scale per 1 x 32 values
-        grid = (*info.shape[:-1], -(-cols * 2 // 32))
-    else:  # FP8: one scale per 128 x 128 block
-        grid = (*info.shape[:-2], -(-rows // 128), -(-cols // 128))
-    if scale_info.dtype not in _SCALE_DTYPES or tuple(scale_info.shape) != grid:
+    fmt = format_of(DTYPES[info.dtype][0], tuple(info.shape), tuple(scale_info.shape))
+    if scale_info.dtype not in _SCALE_DTYPES or fmt is None:
+        grids = [
+            list(f.scale_shape(f.dense_shape(tuple(info.shape))))
+            for f in FORMATS.values()
+            if f.storage_dtype == DTYPES[info.dtype][0]
+        ]
         raise CheckpointError(
             f"{source.folder / scale_info.file}: scale {scale!r} is {scale_info.dtype} {list(scale_info.shape)}; "
-            f"the {_QUANTIZED[info.dtype]} weight {weight!r} {list(info.shape)} needs F8_E8M0 or F32 {list(grid)}."
+            f"the {_QUANTIZED[info.dtype]} weight {weight!r} {list(info.shape)} needs F8_E8M0 or F32 "
+            f"{' or '.join(map(str, grids))}."
         )
 
 
@@ -279,26 +282,32 @@ def check_quantized_pieces(source: SourceCheckpoint, outputs: dict[str, Output])
                 )
 
 
-# Plugin names of the linears the quantized model keeps in FP8 (`quantized_modules.FP8_MODULES`).
-_FP8_TARGET = re.compile(
-    r"\.(self_attn\.(q_a|q_b|kv|o_a|o_b)_proj|indexer\.q_b_proj|shared_experts\.(gate|up|down)_proj|[eh]_proj|main_proj)"
-    r"\.weight$"
-)
-_EXPERT_FORMATS = {"I8": "fp4", "F8_E4M3": "fp8", "BF16": None, "F32": None}
 _SCALE_DTYPES = {"F8_E8M0": "float8_e8m0fnu", "F32": "float32"}
 
 
+def _piece_format(source: SourceCheckpoint, piece: str) -> str | None:
+    """Format key of a stored piece ("fp8", "fp8_block32", "fp4"), or None for BF16 / F32 (dense)."""
+    info = source.tensors[piece]
+    scale = source.tensors.get(scale_of(piece))
+    if info.dtype not in _QUANTIZED or scale is None:
+        return None
+    fmt = format_of(DTYPES[info.dtype][0], tuple(info.shape), tuple(scale.shape))
+    return fmt.key if fmt is not None else None
+
+
 def keep_layout(source: SourceCheckpoint, outputs: dict[str, Output]) -> dict:
-    """The `dsv4_quantization` layout of a `--dtype keep` folder, read from the tensor dtypes (not the config:
-    official-format.md §3 says to trust dtypes), or `CheckpointError` if the checkpoint mixes formats."""
-    fp8 = {o.source_dtype for name, o in outputs.items() if _FP8_TARGET.search(name)}
-    experts = {o.source_dtype for o in outputs.values() if o.experts}
+    """The `dsv4_quantization` layout of a `--dtype keep` folder, read from the tensor dtypes and scale grids (not
+    the config: official-format.md §3 says to trust dtypes), or `CheckpointError` if the checkpoint mixes formats.
+    Which linears are FP8 in the official layout: `weight_formats.OFFICIAL_FP8_LINEARS`."""
+    linears = [o for name, o in outputs.items() if name.endswith(".weight") and is_official_fp8_linear(name[:-7])]
+    fp8 = {_piece_format(source, o.pieces[0]) for o in linears}
+    experts = {_piece_format(source, p) for o in outputs.values() if o.experts for p in o.experts.values()}
     scales = {source.tensors[p].dtype for o in outputs.values() for p in o.pieces if p.endswith(".scale")}
     problems = []
-    if fp8 - {"F8_E4M3"} and fp8 != {"BF16"}:
-        problems.append(f"the FP8 linears come in {sorted(fp8)}")
-    if len(experts) != 1 or not experts <= set(_EXPERT_FORMATS):
-        problems.append(f"the routed experts come in {sorted(experts)}")
+    if len(fp8) > 1 or fp8 & {"fp4"}:
+        problems.append(f"the FP8 linears come in {sorted(map(str, fp8))}")
+    if len(experts) != 1:
+        problems.append(f"the routed experts come in {sorted(map(str, experts))}")
     if len(scales) > 1 or not scales <= set(_SCALE_DTYPES):
         problems.append(f"the scales come in {sorted(scales)}")
     if problems:
@@ -307,8 +316,8 @@ def keep_layout(source: SourceCheckpoint, outputs: dict[str, Output]) -> dict:
             "Convert with --dtype bf16 instead (exact)."
         )
     return {
-        "weights": "fp8" if fp8 == {"F8_E4M3"} else None,
-        "experts": _EXPERT_FORMATS[experts.pop()],
+        "weights": fp8.pop() if fp8 else None,
+        "experts": experts.pop(),
         "scale_dtype": _SCALE_DTYPES[scales.pop()] if scales else "float8_e8m0fnu",
     }
 
@@ -355,10 +364,8 @@ def output_dtype(out: Output, dtype: str) -> torch.dtype:
 
 
 def dequantize_piece(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    if weight.dtype == torch.int8:
-        return dequantize_fp4(weight, scale, dtype)
-    if weight.dtype == torch.float8_e4m3fn:
-        return dequantize_fp8_blocks(weight, scale, dtype=dtype)
+    if weight.dtype in (torch.int8, torch.float8_e4m3fn):
+        return dequantize_weight(weight, scale, dtype)  # the block shape is read from the scale grid
     return weight.to(dtype)
 
 

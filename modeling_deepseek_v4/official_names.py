@@ -15,6 +15,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from .weight_formats import OFFICIAL_FP8_LINEARS
+
 # Per-block (decoder layer or MTP block) renames: official suffix -> plugin suffix.
 _BLOCK_RENAMES = {
     "attn_norm.weight": "input_layernorm.weight",
@@ -84,23 +86,6 @@ _GLOBAL_RENAMES = {
     "hc_head_base": "model.hc_head.hc_base",
     "hc_head_scale": "model.hc_head.hc_scale",
 }
-# Official tensors stored as FP8 E4M3 with a 128x128 E8M0 `.scale` sibling (official-format.md §6.2-6.3).
-FP8_SUFFIXES = frozenset(
-    {
-        "attn.wq_a.weight",
-        "attn.wq_b.weight",
-        "attn.wkv.weight",
-        "attn.wo_a.weight",
-        "attn.wo_b.weight",
-        "attn.indexer.wq_b.weight",
-        "ffn.shared_experts.w1.weight",
-        "ffn.shared_experts.w2.weight",
-        "ffn.shared_experts.w3.weight",
-        "e_proj.weight",
-        "h_proj.weight",
-        "main_proj.weight",
-    }
-)
 # Stored in fp32 in official checkpoints (everything else that is floating is BF16 or quantized).
 F32_SUFFIXES = frozenset(
     {"hc_attn_fn", "hc_attn_base", "hc_attn_scale", "hc_ffn_fn", "hc_ffn_base", "hc_ffn_scale", "attn.attn_sink"}
@@ -163,6 +148,11 @@ _PLUGIN_TO_OFFICIAL_DSPARK = {v: (k, False) for k, v in _DSPARK_FIRST.items()} |
     v: (k, True) for k, v in _DSPARK_LAST.items()
 }
 _MTP_ONLY_PLUGIN = {_BLOCK_RENAMES[k] for k in _MTP_ONLY}
+# Official suffixes of the tensors stored as FP8 E4M3 with a block-scale `.scale` sibling (official-format.md
+# §6.2-6.3), from the one table of FP8 linears (`weight_formats.OFFICIAL_FP8_LINEARS`).
+FP8_SUFFIXES = frozenset(
+    _PLUGIN_TO_OFFICIAL_BLOCK.get(f"{path}.weight", f"{path}.weight") for path in OFFICIAL_FP8_LINEARS
+)
 
 
 def plugin_to_official(name: str, dspark_stages: int = 0) -> str:

@@ -8,8 +8,10 @@ the quantized modules import from here.
 - Scales always multiply (`w = q * s`), whatever the checkpoint calls them (`scale`, `weight_scale_inv`).
 - E8M0 bytes are decoded by building the fp32 bit pattern of 2**(byte - 127), never by a numeric cast of the
   byte (ml-explore/mlx-lm#1192). Dequantizers also take any float scale (Base checkpoints) as the multiplier.
-- Dequantizers compute in fp32 and cast once, so a `dtype=torch.bfloat16` result is the fp32 result cast to bf16
-  (and exact: <= 4 significant bits times a power of two).
+- Dequantizers compute in the target dtype when it has fp32's exponent range (bf16, fp32) and the scales are
+  E8M0: a value of <= 4 significant bits times a power of two then rounds once, exactly as the fp32 result cast to
+  that dtype, with one cast and one multiply and no fp32 copy. Other dtypes (fp16) and float scales go through fp32
+  and cast once.
 - Scale grids round up: edge blocks (rows or columns not divisible by 128, K not divisible by 32) are partial and
   own a scale. Blocked ops cover a tensor with at most four views (full blocks, right edge, bottom edge, corner),
   so nothing loops over blocks and no scale tensor is expanded to the size of the data.
@@ -244,14 +246,30 @@ def _fp4_codes_(t: torch.Tensor) -> torch.Tensor:
     return torch.where(a < 1, sub, code).bitwise_or_(sign)
 
 
+# Dtypes with fp32's exponent range: products of an FP8 / FP4 value and a power-of-two scale round once in them.
+_DIRECT_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _work_dtype(dtype: torch.dtype, scale: torch.Tensor) -> torch.dtype:
+    """Where to dequantize: `dtype` itself when every product rounds once there (E8M0 scales are powers of two;
+    float scales, as Base checkpoints may carry, are not), else fp32."""
+    pow2 = scale.dtype in (torch.float8_e8m0fnu, torch.uint8)
+    return dtype if pow2 and dtype in _DIRECT_DTYPES else torch.float32
+
+
 def dequantize_fp4(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Packed FP4 `[..., N, K/2]` with group scales `[..., N, ceil(K/32)]` (1x32 groups along K) -> `[..., N, K]`."""
+    """Packed FP4 `[..., N, K/2]` with group scales `[..., N, ceil(K/32)]` (1x32 groups along K) -> `[..., N, K]`.
+    One table lookup per byte (both nibbles at once) in the working dtype, then one multiply per group."""
     p = _packed_bytes(packed)
-    w = _fp4_pair_lut(p.device)[p.to(torch.int32)].flatten(-2)
-    s = _scale_multiplier(scale)
+    work = _work_dtype(dtype, scale)
+    lut = _fp4_pair_lut(p.device).to(work).flatten()
+    # byte b -> values (2b, 2b + 1) of the flattened table: one gather, no per-nibble passes
+    index = p.to(torch.int64).unsqueeze(-1) * 2 + torch.arange(2, device=p.device)
+    w = lut[index].flatten(-2)
+    s = _scale_multiplier(scale).to(work)
     _check_scale_shape(s, (*w.shape[:-1], _cdiv(w.shape[-1], FP4_GROUP)), "dequantize_fp4")
     _apply_scale(w.unsqueeze(-2), s.unsqueeze(-2), (1, FP4_GROUP))
-    return w.to(dtype)
+    return w if work == dtype else w.to(dtype)
 
 
 def _quantize_fp4_groups(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -286,11 +304,13 @@ def dequantize_fp8_blocks(
     """E4M3 `[..., N, K]` with block scales `[..., ceil(N/128), ceil(K/128)]` -> `[..., N, K]` in `dtype`."""
     if w.dtype != torch.float8_e4m3fn:
         raise TypeError(f"dequantize_fp8_blocks expects torch.float8_e4m3fn data, got {w.dtype}")
-    out = w.to(torch.float32, memory_format=torch.contiguous_format)
+    work = _work_dtype(dtype, scale)
+    out = w.to(work, memory_format=torch.contiguous_format)
     s = _scale_multiplier(scale)
     expected = (*w.shape[:-2], _cdiv(w.shape[-2], block[0]), _cdiv(w.shape[-1], block[1]))
     _check_scale_shape(s, expected, "dequantize_fp8_blocks")
-    return _apply_scale(out, s, block).to(dtype)
+    _apply_scale(out, s.to(work), block)
+    return out if work == dtype else out.to(dtype)
 
 
 def quantize_fp8_blocks(
@@ -319,11 +339,27 @@ def fp8_act_roundtrip(x: torch.Tensor, block: int = 128) -> torch.Tensor:
 
 
 def dequantize_weight(data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Dequantize a stored weight by its storage dtype: E4M3 `[..., N, K]` with 128x128 block scales, or packed FP4
-    (int8 / uint8) `[..., N, K/2]` with 1x32 group scales. Returns `[..., N, K]` in `dtype`."""
+    """Dequantize a stored weight by its storage dtype: E4M3 `[..., N, K]` with block scales (128x128 or 32x32, read
+    from the scale grid), or packed FP4 (int8 / uint8) `[..., N, K/2]` with 1x32 group scales. Returns `[..., N, K]`
+    in `dtype`."""
     if data.dtype == torch.float8_e4m3fn:
-        return dequantize_fp8_blocks(data, scale, dtype=dtype)
+        return dequantize_fp8_blocks(data, scale, block=fp8_block_of(data.shape, scale.shape), dtype=dtype)
     return dequantize_fp4(data, scale, dtype)
+
+
+# FP8 block shapes in use: 128x128 (DeepSeek-V4), 32x32 (later releases; `weight_formats.FP8_BLOCK32`).
+FP8_BLOCKS = (FP8_BLOCK, (32, 32))
+
+
+def fp8_block_of(shape: tuple[int, ...], scale_shape: tuple[int, ...]) -> tuple[int, int]:
+    """The block of an E4M3 weight `[..., N, K]` from its scale grid (blocks with the same grid for this shape
+    dequantize identically, so the first match is the answer)."""
+    for block in FP8_BLOCKS:
+        if tuple(scale_shape[-2:]) == (_cdiv(shape[-2], block[0]), _cdiv(shape[-1], block[1])):
+            return block
+    raise ValueError(
+        f"E4M3 weight {tuple(shape)} with scales {tuple(scale_shape)}: no known block shape ({FP8_BLOCKS}) fits"
+    )
 
 
 class TranscodeIssue(NamedTuple):

@@ -24,27 +24,18 @@ from torch import nn
 
 from .moe import DeepseekV4Experts
 from .ops import quantized_linear
-from .quant_formats import FP4_GROUP, FP8_BLOCK, dequantize_weight, quantize_fp4, quantize_fp8_blocks
+from .weight_formats import FORMATS, FP8, PackedWeight, WeightFormat, grouped_linear, is_official_fp8_linear
 
-# Modules the official checkpoints store in FP8, by owner class (official-format.md §6.2-6.3; DSpark `main_proj`:
-# dspark.md §2.3). `o_a_proj` is FP8 in the checkpoint but the reference runs it with a bf16 weight and no
-# activation quantization.
-FP8_MODULES = {
-    "DeepseekV4Attention": ("q_a_proj", "q_b_proj", "kv_proj", "o_a_proj", "o_b_proj"),
-    "DeepseekV4Indexer": ("q_b_proj",),
-    "DeepseekV4MLP": ("gate_proj", "up_proj", "down_proj"),
-    "DeepseekV4MTPLayer": ("e_proj", "h_proj"),
-    "DeepseekV4DSparkDrafter": ("main_proj",),
-}
-WEIGHT_FORMATS = (None, "fp8")
-EXPERT_FORMATS = (None, "fp4", "fp8")
+WEIGHT_FORMATS = (None, *(key for key, f in FORMATS.items() if f.per_element == 1))
+EXPERT_FORMATS = (None, *FORMATS)
 SCALE_DTYPES = {"float8_e8m0fnu": torch.float8_e8m0fnu, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
 class QuantizationLayout:
-    """Which weights are stored quantized: `weights` (the FP8 linears) "fp8" or None, `experts` "fp4", "fp8" or
-    None, and the scale dtype ("float8_e8m0fnu" like the official instruct checkpoints, or "float32")."""
+    """Which weights are stored quantized: `weights` (the official FP8 linears) "fp8" / "fp8_block32" or None,
+    `experts` "fp4", "fp8", "fp8_block32" or None (`weight_formats.FORMATS`), and the scale dtype
+    ("float8_e8m0fnu" like the official instruct checkpoints, or "float32")."""
 
     weights: str | None = "fp8"
     experts: str | None = "fp4"
@@ -84,30 +75,8 @@ class QuantizationLayout:
         return SCALE_DTYPES[self.scale_dtype]
 
 
-class QuantizedWeight:
-    """A quantized weight stack `[..., N, K]` as the ops see it: `shape` is the dense shape and indexing the leading
-    dims dequantizes only the selection (one expert, or the experts gathered for a few tokens).
-
-    `halves=2` marks a fused gate/up bank whose two row halves were blocked separately (the official w1 and w3 are
-    separate FP8 tensors, so with FP8 experts and I % 128 != 0 the block grid does not run across the seam).
-    """
-
-    def __init__(self, data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, halves: int = 1):
-        self.data, self.scale, self.dtype, self.halves = data, scale, dtype, halves
-        packed = data.dtype in (torch.int8, torch.uint8)
-        self.shape = torch.Size((*data.shape[:-1], data.shape[-1] * (2 if packed else 1)))
-
-    def _dequantize(self, data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        if self.halves == 1 or data.dtype != torch.float8_e4m3fn:
-            return dequantize_weight(data, scale, self.dtype)
-        parts = zip(data.chunk(self.halves, dim=-2), scale.chunk(self.halves, dim=-2))
-        return torch.cat([dequantize_weight(d, s, self.dtype) for d, s in parts], dim=-2)
-
-    def __getitem__(self, index) -> torch.Tensor:
-        return self._dequantize(self.data[index], self.scale[index])
-
-    def dequantize(self) -> torch.Tensor:
-        return self._dequantize(self.data, self.scale)
+# The value the ops receive for a quantized expert bank (kept under its former name for callers).
+QuantizedWeight = PackedWeight
 
 
 class _KeepsStorageDtype:
@@ -134,113 +103,104 @@ class _KeepsStorageDtype:
         return sum(self._buffers[name].nbytes for name in self._quantized_buffers)
 
 
-def _fp8_scale_shape(rows: int, cols: int, halves: int = 1) -> tuple[int, int]:
-    per_half = rows // halves
-    return halves * -(-per_half // FP8_BLOCK[0]), -(-cols // FP8_BLOCK[1])
-
-
-def _quantize_fp8(w: torch.Tensor, scale_dtype: torch.dtype, halves: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """`[..., N, K]` -> E4M3 + block scales, each row half (fused gate/up) blocked on its own like the official."""
-    parts = [quantize_fp8_blocks(h, scale_dtype=scale_dtype) for h in w.chunk(halves, dim=-2)]
-    return torch.cat([p[0] for p in parts], dim=-2), torch.cat([p[1] for p in parts], dim=-2)
-
-
-class DeepseekV4Fp8Linear(_KeepsStorageDtype, nn.Linear):
-    """`nn.Linear` whose weight is E4M3 `[out, in]` with scales `weight_scale_inv [ceil(out/128), ceil(in/128)]`.
-
-    Stays an `nn.Linear` subclass so PEFT LoRA wraps it like any linear (the base output comes from this forward);
-    the weight is a buffer, so optimizers never see it.
-    """
+class _Fp8Storage(_KeepsStorageDtype):
+    """Mixin: an E4M3 weight `[out, in]` with block scales `weight_scale_inv [ceil(out/b), ceil(in/b)]` for the block
+    `b` of its format (128 in the V4 releases; `weight_formats.FP8_BLOCK32` for 32x32 blocks)."""
 
     _quantized_buffers = ("weight", "weight_scale_inv")
 
-    def __init__(self, in_features: int, out_features: int, scale_dtype: torch.dtype = torch.float8_e8m0fnu):
+    def _init_storage(self, in_features: int, out_features: int, scale_dtype, fmt: WeightFormat) -> None:
+        self.in_features, self.out_features, self.format = in_features, out_features, fmt
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=fmt.storage_dtype))
+        shape = fmt.scale_shape((out_features, in_features))
+        self.register_buffer("weight_scale_inv", torch.empty(shape, dtype=scale_dtype or torch.float8_e8m0fnu))
+
+    def packed(self, dtype: torch.dtype) -> PackedWeight:
+        return PackedWeight(self.weight, self.weight_scale_inv, self.format, dtype)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.packed(dtype).dequantize()
+
+    @torch.no_grad()
+    def load_dense(self, weight: torch.Tensor) -> None:
+        """Quantize a dense weight into this module (official power-of-two block rule)."""
+        q, s = self.format.quantize(weight.detach(), self.weight_scale_inv.dtype)
+        self.weight, self.weight_scale_inv = q.to(self.weight.device), s.to(self.weight.device)
+
+
+class DeepseekV4Fp8Linear(_Fp8Storage, nn.Linear):
+    """`nn.Linear` whose weight is stored in FP8 (`_Fp8Storage`). Stays an `nn.Linear` subclass so PEFT LoRA wraps
+    it like any linear (the base output comes from this forward); the weight is a buffer, so optimizers never see
+    it."""
+
+    def __init__(self, in_features: int, out_features: int, scale_dtype=None, fmt: WeightFormat = FP8):
         nn.Module.__init__(self)
-        self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn))
-        self.register_buffer(
-            "weight_scale_inv", torch.empty(_fp8_scale_shape(out_features, in_features), dtype=scale_dtype)
-        )
+        self._init_storage(in_features, out_features, scale_dtype, fmt)
         self.register_parameter("bias", None)
         self.backend = "auto"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return quantized_linear(x, self.weight, self.weight_scale_inv, backend=self.backend)
 
-    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize_weight(self.weight, self.weight_scale_inv, dtype)
-
-    @torch.no_grad()
-    def load_dense(self, weight: torch.Tensor) -> None:
-        """Quantize a dense `[out, in]` weight into this module (official 128x128 pow2 block rule)."""
-        q, s = _quantize_fp8(weight.detach(), self.weight_scale_inv.dtype)
-        self.weight, self.weight_scale_inv = q.to(self.weight.device), s.to(self.weight.device)
-
     def reset_parameters(self) -> None:
         # transformers initializes through `_init_weights`; nn.Linear's own init cannot write float8.
         pass
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 128x128 blocks"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.format.describe()}"
 
 
-class DeepseekV4Fp8GroupedLinear(_KeepsStorageDtype, nn.Module):
+class DeepseekV4Fp8GroupedLinear(_Fp8Storage, nn.Module):
     """Grouped `o_a_proj` with an E4M3 weight `[g * d_g, H * D / g]`; computes like the reference's `wo_a`
-    (the weight dequantized to the activation dtype, no activation quantization)."""
+    (the weight dequantized to the activation dtype, no activation quantization: `weight_formats.grouped_linear`).
+    Not an `nn.Linear`: PEFT must not treat the grouped projection as a dense one."""
 
-    _quantized_buffers = ("weight", "weight_scale_inv")
-
-    def __init__(self, in_features_per_group: int, out_features: int, n_groups: int, scale_dtype=torch.float8_e8m0fnu):
+    def __init__(self, in_features_per_group: int, out_features: int, n_groups: int, scale_dtype=None, fmt=FP8):
         super().__init__()
-        self.in_features, self.out_features, self.n_groups = in_features_per_group, out_features, n_groups
-        self.register_buffer("weight", torch.empty(out_features, in_features_per_group, dtype=torch.float8_e4m3fn))
-        shape = _fp8_scale_shape(out_features, in_features_per_group)
-        self.register_buffer("weight_scale_inv", torch.empty(shape, dtype=scale_dtype))
+        self._init_storage(in_features_per_group, out_features, scale_dtype, fmt)
+        self.n_groups = n_groups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x `[..., g, H * D / g]` -> `[..., g * d_g]`."""
-        w = dequantize_weight(self.weight, self.weight_scale_inv, x.dtype).view(self.n_groups, -1, self.in_features)
-        return torch.einsum("...gi,goi->...go", x, w).flatten(-2)
-
-    dequantized_weight = DeepseekV4Fp8Linear.dequantized_weight
-    load_dense = DeepseekV4Fp8Linear.load_dense
+        return grouped_linear(x, self.dequantized_weight(x.dtype), self.n_groups)
 
     def extra_repr(self) -> str:
-        return f"groups={self.n_groups}, in_per_group={self.in_features}, out={self.out_features}, fp8 e4m3"
+        shape = f"groups={self.n_groups}, in_per_group={self.in_features}, out={self.out_features}"
+        return f"{shape}, {self.format.describe()}"
 
 
 class DeepseekV4QuantizedExperts(_KeepsStorageDtype, nn.Module):
-    """Routed experts kept as FP4 (packed E2M1, 1x32 groups) or FP8 (E4M3, 128x128 blocks per expert) buffers:
+    """Routed experts kept in a `WeightFormat` (packed FP4 E2M1 in 1x32 groups, or E4M3 in blocks per expert):
     `gate_up_proj [E, 2I, d/2]` int8 (fp4) or `[E, 2I, d]` e4m3 (fp8) plus `gate_up_proj_scale_inv`, same for
     `down_proj [E, d, I(/2)]`. Only experts that receive tokens are dequantized, one at a time."""
 
     _quantized_buffers = ("gate_up_proj", "gate_up_proj_scale_inv", "down_proj", "down_proj_scale_inv")
+    # gate/up: the official w1 and w3 are separate tensors, each blocked on its own
+    _HALVES = {"gate_up_proj": 2, "down_proj": 1}
 
-    def __init__(self, config, fmt: str, scale_dtype: torch.dtype = torch.float8_e8m0fnu):
+    def __init__(self, config, fmt: WeightFormat | str, scale_dtype: torch.dtype = torch.float8_e8m0fnu):
         super().__init__()
+        self.format = FORMATS[fmt] if isinstance(fmt, str) else fmt
         self.num_experts = config.n_routed_experts
         self.limit = config.swiglu_limit
         self.backend = config.ops_backend
-        self.fmt = fmt
         self.act_quant = False
         e, inter, d = config.n_routed_experts, config.moe_intermediate_size, config.hidden_size
-        for name, rows, cols, halves in (("gate_up_proj", 2 * inter, d, 2), ("down_proj", d, inter, 1)):
-            if fmt == "fp4":
-                if cols % 2:
-                    raise ValueError(f"FP4 experts need an even input width; {name} has {cols}")
-                data = torch.empty(e, rows, cols // 2, dtype=torch.int8)
-                scale = torch.empty(e, rows, -(-cols // FP4_GROUP), dtype=scale_dtype)
-            else:
-                data = torch.empty(e, rows, cols, dtype=torch.float8_e4m3fn)
-                scale = torch.empty(e, *_fp8_scale_shape(rows, cols, halves), dtype=scale_dtype)
+        for name, rows, cols in (("gate_up_proj", 2 * inter, d), ("down_proj", d, inter)):
+            data = torch.empty(self.format.storage_shape((e, rows, cols)), dtype=self.format.storage_dtype)
+            scale = torch.empty(self.format.scale_shape((e, rows, cols), self._HALVES[name]), dtype=scale_dtype)
             self.register_buffer(name, data)
             self.register_buffer(name + "_scale_inv", scale)
 
-    def expert_banks(self, dtype: torch.dtype) -> tuple[QuantizedWeight, QuantizedWeight]:
-        """Lazy dequantizing views (`QuantizedWeight`) of `gate_up_proj` and `down_proj` in `dtype`."""
-        return (
-            QuantizedWeight(self.gate_up_proj, self.gate_up_proj_scale_inv, dtype, halves=2),
-            QuantizedWeight(self.down_proj, self.down_proj_scale_inv, dtype),
+    @property
+    def fmt(self) -> str:
+        return self.format.key
+
+    def expert_banks(self, dtype: torch.dtype) -> tuple[PackedWeight, PackedWeight]:
+        """`PackedWeight` values of `gate_up_proj` and `down_proj`, dequantizing in `dtype` what is indexed."""
+        return tuple(
+            PackedWeight(getattr(self, n), getattr(self, n + "_scale_inv"), self.format, dtype, self._HALVES[n])
+            for n in ("gate_up_proj", "down_proj")
         )
 
     compute_dtype = None
@@ -249,13 +209,10 @@ class DeepseekV4QuantizedExperts(_KeepsStorageDtype, nn.Module):
     @torch.no_grad()
     def load_dense(self, gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> None:
         """Quantize dense `[E, 2I, d]` / `[E, d, I]` banks into this module (official rules, one expert at a time)."""
-        for name, w, halves in (("gate_up_proj", gate_up_proj, 2), ("down_proj", down_proj, 1)):
+        for name, w in (("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
             data, scale = getattr(self, name), getattr(self, name + "_scale_inv")
             for e in range(w.shape[0]):
-                if self.fmt == "fp4":
-                    q, s = quantize_fp4(w[e].detach().float(), scale_dtype=scale.dtype)
-                else:
-                    q, s = _quantize_fp8(w[e].detach().float(), scale.dtype, halves)
+                q, s = self.format.quantize(w[e].detach().float(), scale.dtype, self._HALVES[name])
                 data[e].copy_(q.view(data.dtype))
                 scale[e].copy_(s)
 
@@ -264,22 +221,23 @@ class DeepseekV4QuantizedExperts(_KeepsStorageDtype, nn.Module):
         return gate_up.dequantize(), down.dequantize()
 
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, {self.fmt} ({'1x32 groups' if self.fmt == 'fp4' else '128x128'})"
+        return f"num_experts={self.num_experts}, {self.format.describe()}"
 
 
 def iter_fp8_targets(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
-    """(qualified name, owner module, attribute) of every module the official checkpoints store in FP8."""
-    for name, owner in model.named_modules():
-        for attr in FP8_MODULES.get(type(owner).__name__, ()):
-            if isinstance(getattr(owner, attr, None), nn.Module):
-                yield f"{name}.{attr}" if name else attr, owner, attr
+    """(qualified name, owner module, attribute) of every linear the official checkpoints store in FP8
+    (`weight_formats.OFFICIAL_FP8_LINEARS`)."""
+    for name, _ in list(model.named_modules()):
+        if is_official_fp8_linear(name):
+            parent, _, attr = name.rpartition(".")
+            yield name, model.get_submodule(parent), attr
 
 
-def empty_fp8_like(old: nn.Module, scale_dtype: torch.dtype, backend: str = "auto") -> nn.Module:
+def empty_fp8_like(old: nn.Module, scale_dtype: torch.dtype, backend: str = "auto", fmt: WeightFormat = FP8):
     """An empty FP8 module with the shape of the linear `old` (grouped `o_a_proj` or `nn.Linear`)."""
     if hasattr(old, "n_groups"):
-        return DeepseekV4Fp8GroupedLinear(old.in_features, old.out_features, old.n_groups, scale_dtype)
-    new = DeepseekV4Fp8Linear(old.in_features, old.out_features, scale_dtype)
+        return DeepseekV4Fp8GroupedLinear(old.in_features, old.out_features, old.n_groups, scale_dtype, fmt)
+    new = DeepseekV4Fp8Linear(old.in_features, old.out_features, scale_dtype, fmt)
     new.backend = backend
     return new
 
@@ -290,9 +248,10 @@ def build_quantized_modules(model: nn.Module, config) -> None:
     if layout is None:
         return
     scale_dtype = layout.torch_scale_dtype
-    if layout.weights == "fp8":
+    if layout.weights is not None:
+        fmt = FORMATS[layout.weights]
         for _, owner, attr in list(iter_fp8_targets(model)):
-            setattr(owner, attr, empty_fp8_like(getattr(owner, attr), scale_dtype, config.ops_backend))
+            setattr(owner, attr, empty_fp8_like(getattr(owner, attr), scale_dtype, config.ops_backend, fmt))
     if layout.experts is not None:
         for owner in [m for m in model.modules() if hasattr(m, "experts") and hasattr(m, "gate")]:
             owner.experts = DeepseekV4QuantizedExperts(config, layout.experts, scale_dtype)

@@ -19,24 +19,17 @@ from torch import nn
 
 from modeling_deepseek_v4.attention import DeepseekV4GroupedLinear
 from modeling_deepseek_v4.moe import DeepseekV4Experts
-from modeling_deepseek_v4.quant_formats import dequantize_weight, quantize_fp4
-from modeling_deepseek_v4.quantized_modules import QuantizationLayout, _quantize_fp8, iter_fp8_targets
+from modeling_deepseek_v4.quantized_modules import QuantizationLayout, iter_fp8_targets
+from modeling_deepseek_v4.weight_formats import FP8, grouped_linear, weight_format
 
 from .quantize import _config_of, _expert_owners, _refresh_numerics, quantize_model
 
 
 def fake_quantize(w: torch.Tensor, fmt: str, halves: int = 1) -> torch.Tensor:
-    """Quantize-dequantize `w [..., N, K]` with the official rules ("fp4": E2M1 1x32 groups; "fp8": E4M3 128x128
-    blocks, `halves` row halves blocked separately). Values are computed in fp32 and returned in w.dtype."""
-    src = w.detach().float()
-    if fmt == "fp4":
-        data, scale = quantize_fp4(src)
-        return dequantize_weight(data, scale, w.dtype)
-    if fmt == "fp8":
-        data, scale = _quantize_fp8(src, torch.float8_e8m0fnu, halves)
-        parts = zip(data.chunk(halves, dim=-2), scale.chunk(halves, dim=-2))
-        return torch.cat([dequantize_weight(d, s, w.dtype) for d, s in parts], dim=-2)
-    raise ValueError(f"unknown fake-quantization format {fmt!r}; expected 'fp4' or 'fp8'")
+    """Quantize-dequantize `w [..., N, K]` with the official rules of format `fmt` (`weight_formats.FORMATS`:
+    "fp4" E2M1 1x32 groups, "fp8" E4M3 128x128 blocks, "fp8_block32"; `halves` row halves blocked separately).
+    Values are computed in fp32 and returned in w.dtype."""
+    return weight_format(fmt).fake_quantize(w.detach().float(), halves).to(w.dtype)
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -89,23 +82,34 @@ class DeepseekV4Fp8QATLinear(nn.Linear):
     """`nn.Linear` whose fp32 master weight is fake-quantized to E4M3 128x128 blocks in every forward."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, ste_quantize(self.weight, "fp8").to(x.dtype))
+        return nn.functional.linear(x, ste_quantize(self.weight, FP8.key).to(x.dtype))
 
 
 class DeepseekV4Fp8QATGroupedLinear(DeepseekV4GroupedLinear):
     """Grouped `o_a_proj` with an E4M3 fake-quantized weight."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = ste_quantize(self.weight, "fp8").to(x.dtype).view(self.n_groups, -1, self.in_features)
-        return torch.einsum("...gi,goi->...go", x, w).flatten(-2)
+        return grouped_linear(x, ste_quantize(self.weight, FP8.key).to(x.dtype), self.n_groups)
 
 
-def _move(new: nn.Module, old: nn.Module, names: tuple[str, ...]) -> nn.Module:
-    """Give `new` the fp32 master copies of `old`'s parameters (same names, requires_grad kept)."""
+def _move(new: nn.Module, old: nn.Module, names: tuple[str, ...], dtype: torch.dtype | None = None) -> nn.Module:
+    """Give `new` (built on the meta device: no memory) `old`'s parameters as `dtype` copies (same names,
+    requires_grad kept; default: the tensors themselves in fp32), and `old`'s numerics switch."""
     for name in names:
         p = getattr(old, name)
-        setattr(new, name, nn.Parameter(p.detach().float(), requires_grad=p.requires_grad))
+        value = p.detach().float() if dtype is None else p.detach().to(dtype)
+        setattr(new, name, nn.Parameter(value, requires_grad=p.requires_grad))
+    if hasattr(old, "act_quant"):
+        new.act_quant = old.act_quant
     return new
+
+
+def _linear_like(old: nn.Module, linear_cls: type, grouped_cls: type) -> nn.Module:
+    """An empty module of `linear_cls` / `grouped_cls` (for a grouped `o_a_proj`) with `old`'s shape, on meta."""
+    with torch.device("meta"):
+        if isinstance(old, DeepseekV4GroupedLinear):
+            return grouped_cls(old.in_features, old.out_features, old.n_groups)
+        return linear_cls(old.in_features, old.out_features, bias=False)
 
 
 def prepare_fp4_qat(model: nn.Module, experts: str = "fp4", linears: bool = False) -> nn.Module:
@@ -127,25 +131,15 @@ def prepare_fp4_qat(model: nn.Module, experts: str = "fp4", linears: bool = Fals
         old = owner.experts
         if type(old) is not DeepseekV4Experts:
             raise TypeError(f"cannot prepare {type(old).__name__} for QAT: expected dense DeepseekV4Experts")
-        new = DeepseekV4QATExperts.__new__(DeepseekV4QATExperts)
-        nn.Module.__init__(new)
-        new.num_experts, new.limit, new.backend = old.num_experts, old.limit, old.backend
-        new.fmt, new.act_quant = experts, getattr(old, "act_quant", False)
+        with torch.device("meta"):
+            new = DeepseekV4QATExperts(config, experts)
         owner.experts = _move(new, old, ("gate_up_proj", "down_proj"))
     if linears:
         for _, owner, attr in list(iter_fp8_targets(model)):
             old = getattr(owner, attr)
-            if isinstance(old, DeepseekV4GroupedLinear) and type(old) is DeepseekV4GroupedLinear:
-                new = DeepseekV4Fp8QATGroupedLinear.__new__(DeepseekV4Fp8QATGroupedLinear)
-                nn.Module.__init__(new)
-                new.in_features, new.out_features, new.n_groups = old.in_features, old.out_features, old.n_groups
-            elif type(old) is nn.Linear:
-                new = DeepseekV4Fp8QATLinear.__new__(DeepseekV4Fp8QATLinear)
-                nn.Module.__init__(new)
-                new.in_features, new.out_features = old.in_features, old.out_features
-                new.register_parameter("bias", None)
-            else:
+            if type(old) not in (nn.Linear, DeepseekV4GroupedLinear):
                 raise TypeError(f"cannot prepare {type(old).__name__} at {attr} for QAT: expected a dense linear")
+            new = _linear_like(old, DeepseekV4Fp8QATLinear, DeepseekV4Fp8QATGroupedLinear)
             setattr(owner, attr, _move(new, old, ("weight",)))
     config.dsv4_qat = {"experts": experts, "linears": bool(linears)}
     return _refresh_numerics(model, config)
@@ -167,20 +161,13 @@ def convert_qat(model: nn.Module, scale_dtype: str = "float8_e8m0fnu") -> nn.Mod
         )
     for owner in _expert_owners(model):
         old = owner.experts
-        dense = DeepseekV4Experts.__new__(DeepseekV4Experts)
-        nn.Module.__init__(dense)
-        dense.num_experts, dense.limit, dense.backend = old.num_experts, old.limit, old.backend
-        dense.act_quant = old.act_quant
+        with torch.device("meta"):
+            dense = DeepseekV4Experts(config)
         owner.experts = _move(dense, old, ("gate_up_proj", "down_proj"))
     for _, owner, attr in list(iter_fp8_targets(model)):
         old = getattr(owner, attr)
-        if isinstance(old, DeepseekV4Fp8QATGroupedLinear):
-            dense = DeepseekV4GroupedLinear(old.in_features, old.out_features, old.n_groups)
-        elif isinstance(old, DeepseekV4Fp8QATLinear):
-            dense = nn.Linear(old.in_features, old.out_features, bias=False)
-        else:
-            continue
-        setattr(owner, attr, _move(dense, old, ("weight",)))
+        if isinstance(old, (DeepseekV4Fp8QATLinear, DeepseekV4Fp8QATGroupedLinear)):
+            setattr(owner, attr, _move(_linear_like(old, nn.Linear, DeepseekV4GroupedLinear), old, ("weight",)))
     # kept as provenance (model cards): the stored weights are the QAT-trained ones
     config.dsv4_qat = {**qat, "converted": True}
     weights = "fp8" if qat["linears"] else None

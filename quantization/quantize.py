@@ -23,6 +23,7 @@ from modeling_deepseek_v4.quantized_modules import (
     iter_fp8_targets,
 )
 from modeling_deepseek_v4.reference_numerics import set_reference_numerics
+from modeling_deepseek_v4.weight_formats import FORMATS
 
 QUANTIZED_TYPES = (DeepseekV4Fp8Linear, DeepseekV4Fp8GroupedLinear, DeepseekV4QuantizedExperts)
 
@@ -52,10 +53,12 @@ def quantize_model(
     """Quantize a dense DeepSeek-V4 model in place and return it.
 
     Args:
-        weights: "fp8" turns the linears the official checkpoints store in FP8 (attention projections incl. the
-            grouped `o_a_proj`, indexer `q_b_proj`, shared experts, MTP `e_proj` / `h_proj`) into
-            `DeepseekV4Fp8Linear` / `DeepseekV4Fp8GroupedLinear`; None keeps them dense.
-        experts: "fp4" (packed E2M1) or "fp8" routed-expert banks (`DeepseekV4QuantizedExperts`); None keeps them.
+        weights: "fp8" (128x128 blocks) or "fp8_block32" (32x32 blocks) turns the linears the official checkpoints
+            store in FP8 (`weight_formats.OFFICIAL_FP8_LINEARS`: attention projections incl. the grouped `o_a_proj`,
+            indexer `q_b_proj`, shared experts, MTP `e_proj` / `h_proj`) into `DeepseekV4Fp8Linear` /
+            `DeepseekV4Fp8GroupedLinear`; None keeps them dense.
+        experts: "fp4" (packed E2M1), "fp8" or "fp8_block32" routed-expert banks (`DeepseekV4QuantizedExperts`);
+            None keeps them.
         scale_dtype: "float8_e8m0fnu" (official) or "float32".
     Norms, routers, mHC parameters, compressors, the indexer's `weights_proj`, embeddings and the LM head stay dense.
     """
@@ -64,7 +67,8 @@ def quantize_model(
         raise ValueError("this model is already quantized (config.dsv4_quantization is set); dequantize_model() first")
     layout = QuantizationLayout(weights, experts, scale_dtype)
     sdtype = layout.torch_scale_dtype
-    if weights == "fp8":
+    if weights is not None:
+        fmt = FORMATS[weights]
         for _, owner, attr in list(iter_fp8_targets(model)):
             old = getattr(owner, attr)
             if type(old) not in (nn.Linear, DeepseekV4GroupedLinear):
@@ -72,7 +76,7 @@ def quantize_model(
                     f"cannot quantize {type(old).__name__} at {attr}: expected a dense nn.Linear; merge or remove "
                     "adapters (PEFT `merge_and_unload()`) and QAT wrappers (`convert_qat`) first"
                 )
-            new = empty_fp8_like(old, sdtype, config.ops_backend).to(old.weight.device)
+            new = empty_fp8_like(old, sdtype, config.ops_backend, fmt).to(old.weight.device)
             new.load_dense(old.weight)
             setattr(owner, attr, new)
     if experts is not None:
