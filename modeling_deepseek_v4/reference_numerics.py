@@ -21,15 +21,15 @@ import torch
 from torch import nn
 
 from .quant_formats import fp4_act_roundtrip, fp8_act_roundtrip
+from .weight_formats import is_official_fp8_linear
 
-# Owner class -> linears whose input is FP8-quantized by the reference (the FP8 / FP4 `Linear`s, not `wo_a`).
-R1_LINEARS = {
-    "DeepseekV4Attention": ("q_a_proj", "q_b_proj", "kv_proj", "o_b_proj"),
-    "DeepseekV4Indexer": ("q_b_proj",),
-    "DeepseekV4MLP": ("gate_proj", "up_proj", "down_proj"),
-    "DeepseekV4MTPLayer": ("e_proj", "h_proj"),
-    "DeepseekV4DSparkDrafter": ("main_proj",),
-}
+
+def _is_r1_linear(name: str) -> bool:
+    """Linears whose input the reference FP8-quantizes: the official FP8 linears (`OFFICIAL_FP8_LINEARS`, the one
+    table) except `o_a_proj`, which the reference runs as `wo_a` in bf16."""
+    return is_official_fp8_linear(name) and not name.endswith("o_a_proj")
+
+
 _HOOK = "_dsv4_r1_hook"
 
 
@@ -74,10 +74,9 @@ def set_reference_numerics(model: nn.Module, enabled: bool = True) -> nn.Module:
             module.reference_numerics = enabled  # attention (R2), compressors (R2 / R3), indexer (R3 / R4)
         if hasattr(module, "act_quant"):
             module.act_quant = enabled  # routed experts (R1 inside the expert loop)
-        for attr in R1_LINEARS.get(type(module).__name__, ()) if enabled else ():
-            child = getattr(module, attr, None)
-            if isinstance(child, nn.Module) and _HOOK not in child.__dict__:
-                child.__dict__[_HOOK] = child.register_forward_pre_hook(_r1_pre_hook)
+    for name, module in model.named_modules() if enabled else ():
+        if _is_r1_linear(name) and _HOOK not in module.__dict__:
+            module.__dict__[_HOOK] = module.register_forward_pre_hook(_r1_pre_hook)
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "reference_numerics"):
         config.reference_numerics = enabled
