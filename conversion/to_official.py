@@ -29,15 +29,12 @@ from modeling_deepseek_v4.official_names import (
 from modeling_deepseek_v4.quant_formats import (
     FP4_GROUP,
     FP8_BLOCK,
-    dequantize_fp4,
-    dequantize_fp8_blocks,
     e8m0_to_float,
     float_to_fp4_codes,
     fp4_to_fp8_blocks,
     pack_fp4,
-    quantize_fp4,
-    quantize_fp8_blocks,
 )
+from modeling_deepseek_v4.weight_formats import FP4, FP8, WeightFormat
 
 from .checkpoint import (
     DTYPES,
@@ -67,36 +64,35 @@ def _blocks_all(mask: torch.Tensor, block: tuple[int, int], grid: torch.Size) ->
     return pad.amin(dim=(-3, -1)).bool()
 
 
-def _encode(values: torch.Tensor, fmt: str) -> torch.Tensor:
+def _encode(values: torch.Tensor, fmt: WeightFormat) -> torch.Tensor:
     """Already-scaled values -> FP8 E4M3 data or packed FP4 codes."""
-    if fmt == "fp8":
-        return values.clamp(-448, 448).to(torch.float8_e4m3fn)
+    if fmt.per_element == 1:
+        return values.clamp(-448, 448).to(fmt.storage_dtype)
     return pack_fp4(float_to_fp4_codes(values))
 
 
-def _quantize(weight: torch.Tensor, hint: torch.Tensor | None, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Official quantization of `weight [N, K]`, keeping each block's original scale (`hint`, E8M0) wherever it
-    still represents the block exactly, so unchanged weights reproduce the original bytes."""
-    block = FP8_BLOCK if fmt == "fp8" else (1, FP4_GROUP)
-    q_rule, s_rule = quantize_fp8_blocks(weight) if fmt == "fp8" else quantize_fp4(weight)
+def _quantize(weight: torch.Tensor, hint: torch.Tensor | None, fmt: WeightFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    """Official quantization of `weight [N, K]` in `fmt`, keeping each block's original scale (`hint`, E8M0)
+    wherever it still represents the block exactly, so unchanged weights reproduce the original bytes."""
+    q_rule, s_rule = fmt.quantize(weight)
     if hint is None or hint.shape != s_rule.shape or hint.dtype != s_rule.dtype:
         return q_rule, s_rule
     if torch.equal(hint.view(torch.uint8), s_rule.view(torch.uint8)):
         return q_rule, s_rule
     w = weight.float()
-    q_hint = _encode(w / _expand(hint, block, w.shape), fmt)
-    back = dequantize_fp8_blocks(q_hint, hint) if fmt == "fp8" else dequantize_fp4(q_hint, hint)
-    keep = _blocks_all(back == w, block, hint.shape)
+    q_hint = _encode(w / _expand(hint, fmt.block, w.shape), fmt)
+    back = fmt.dequantize(q_hint, hint)
+    keep = _blocks_all(back == w, fmt.block, hint.shape)
     scale = torch.where(keep, hint.view(torch.uint8), s_rule.view(torch.uint8)).view(s_rule.dtype)
-    return _encode(w / _expand(scale, block, w.shape), fmt), scale
+    return _encode(w / _expand(scale, fmt.block, w.shape), fmt), scale
 
 
 def _fp8(weight, hint):
-    return _quantize(weight, hint, "fp8")
+    return _quantize(weight, hint, FP8)
 
 
 def _fp4(weight, hint):
-    return _quantize(weight, hint, "fp4")
+    return _quantize(weight, hint, FP4)
 
 
 def _official_tensors(
