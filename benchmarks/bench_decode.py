@@ -51,7 +51,7 @@ def train_mtp(model, ids, steps: int, tail: int = 160) -> None:
     targets), on the last `tail` positions (the block attends to a sliding window only); the main model is frozen."""
     import torch
 
-    from modeling_deepseek_v4.rope import BatchMeta
+    from modeling_deepseek_v4.batch_meta import BatchMeta
 
     with torch.inference_mode(False):
         with torch.no_grad():

@@ -15,14 +15,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .batch_meta import BatchMeta
 from .cache import DeepseekV4LayerCache, last_valid_window
 from .compressor import DeepseekV4CSACompressor, DeepseekV4HCACompressor
-from .hyper_connection import DeepseekV4RMSNorm
+from .norm import DeepseekV4RMSNorm
 from .ops import rms_norm, sparse_attention
 from .reference_numerics import kv_fp8_roundtrip
-from .rope import BatchMeta, apply_rope
-from .static_cache import window_step
+from .rope import apply_rope
 from .weight_formats import grouped_linear
+
+
+def window_step(window_kv: torch.Tensor, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sliding window of a static decode step (one token per row, `DeepseekV4StaticCache`): keys for the step
+    `[B, W, D]` (cached W - 1 then the new one) and the next window `[B, W - 1, D]`."""
+    keys = torch.cat([window_kv.to(kv.dtype), kv], dim=1)
+    # A fresh tensor (not a view of `keys`): equal strides every step, so a compiled step is not recompiled.
+    return keys, torch.cat([window_kv[:, 1:].to(kv.dtype), kv], dim=1)
 
 
 class DeepseekV4GroupedLinear(nn.Module):

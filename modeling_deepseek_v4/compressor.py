@@ -10,9 +10,10 @@ One streaming code path serves prefill, chunked prefill and decode: each call wi
 partial window with its new real tokens (per row, so left-padded rows align to their own positions and pads never
 enter a window), pools every window, writes the entries at their absolute index, and keeps the remainder. Entries
 of windows that are not complete yet are garbage but never visible: query t only sees entries s < (t + 1) // m,
-and the next call recomputes that window. Projections, softmax and pooling run in fp32 (reference precision).
-Parameter names match transformers' native port (`kv_proj`, `gate_proj`, `position_bias`, `kv_norm`,
-`indexer.q_b_proj`, `indexer.scorer.weights_proj`).
+and the next call recomputes that window. A one-token decode step on a `DeepseekV4StaticCache` takes the
+shape-static `_static_step` instead (writes into fixed buffers, `torch.compile` fullgraph). Projections, softmax
+and pooling run in fp32 (reference precision). Parameter names match transformers' native port (`kv_proj`,
+`gate_proj`, `position_bias`, `kv_norm`, `indexer.q_b_proj`, `indexer.scorer.weights_proj`).
 """
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .batch_meta import BatchMeta
 from .cache import CompressorState
-from .hyper_connection import DeepseekV4RMSNorm
+from .norm import DeepseekV4RMSNorm
 from .ops import compress_pool, indexer_topk
 from .reference_numerics import indexer_fp4_roundtrip, kv_fp8_roundtrip
-from .rope import BatchMeta, apply_rope
-from .static_cache import compress_step
+from .rope import apply_rope
 
 
 def _gather_rows(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -80,7 +81,7 @@ class DeepseekV4HCACompressor(nn.Module):
         tensors only around its `forward` (hf-integration.md §12).
         """
         if meta.static:
-            return compress_step(self, x, meta, state)
+            return self._static_step(x, meta, state)
         m = self.compress_rate
         kv, score = self._project(x, meta)
         b, s, _ = kv.shape
@@ -112,6 +113,33 @@ class DeepseekV4HCACompressor(nn.Module):
             grown = F.pad(old.to(entries.dtype), (0, 0, 0, capacity - old.shape[1]))
             index = entry_idx.unsqueeze(-1).expand(-1, -1, entries.shape[-1])
             state.entries = grown.scatter(1, index, entries)
+        return state.entries
+
+    def _static_step(self, x: torch.Tensor, meta: BatchMeta, state: CompressorState) -> torch.Tensor:
+        """One decode token per row into the fixed buffers of a `DeepseekV4StaticCache`; returns the entries
+        `[B, N_cap, D]`. Shape-static: no tensor value is read into Python (`compile_decode`, static_cache.py).
+
+        The token goes to slot `t % m` of the window buffer; the window's entry is (re)computed every step and
+        written at index `t // m`: until the window completes it is never visible (query t sees entries
+        s < (t + 1) // m), and at the window's last token it is final. The CSA overlap advances when a window
+        completes.
+        """
+        m = self.compress_rate
+        kv, score = self._project(x, meta)
+        slot = (meta.start % m).view(-1, 1, 1).expand(-1, 1, kv.shape[-1])
+        state.buf_kv = state.buf_kv.scatter(1, slot, kv)
+        state.buf_score = state.buf_score.scatter(1, slot, score)
+        pooled = compress_pool(state.buf_kv, state.buf_score, m, state.overlap_kv, state.overlap_score)
+        entry = meta.start // m
+        cos, sin = meta.tables.cos_sin("compress", (entry * m).unsqueeze(1))
+        value = self.entries(pooled, x.dtype, cos, sin)
+        index = entry.view(-1, 1, 1).expand(-1, 1, value.shape[-1])
+        state.entries = state.entries.scatter(1, index, value.to(state.entries.dtype))
+        if state.overlap_kv is not None:
+            complete = ((meta.start + 1) % m == 0).view(-1, 1, 1)
+            d = self.head_dim
+            state.overlap_kv = torch.where(complete, state.buf_kv[..., :d], state.overlap_kv)
+            state.overlap_score = torch.where(complete, state.buf_score[..., :d], state.overlap_score)
         return state.entries
 
 

@@ -28,7 +28,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .hyper_connection import DeepseekV4HyperHead, DeepseekV4RMSNorm
+from .hyper_connection import DeepseekV4HyperHead
+from .norm import DeepseekV4RMSNorm
 
 
 class DeepseekV4DSparkMarkovHead(nn.Module):

@@ -1,5 +1,5 @@
 """Manifold-constrained hyper-connections (mHC, DeepSeek-V4 tech report §2.2; official `inference/model.py`,
-`Block.hc_pre` / `Block.hc_post` / `Transformer.hc_head`), plus the RMSNorm used across the model.
+`Block.hc_pre` / `Block.hc_post` / `Transformer.hc_head`).
 
 The residual is `hc_mult` (4) parallel streams `[B, S, n, d]`. Before each sub-layer the streams are collapsed
 with `pre` weights; after it the output is expanded with `post` weights and the streams are mixed with a
@@ -13,22 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .ops import hc_head, hc_post, hc_pre, rms_norm
-
-
-class DeepseekV4RMSNorm(nn.Module):
-    """Weighted RMSNorm with fp32 math (weight kept in fp32, see `_keep_in_fp32_modules_strict`)."""
-
-    def __init__(self, hidden_size: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.variance_epsilon = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.variance_epsilon)
-
-    def extra_repr(self) -> str:
-        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+from .ops import hc_head, hc_post, hc_pre
 
 
 class DeepseekV4HyperConnection(nn.Module):

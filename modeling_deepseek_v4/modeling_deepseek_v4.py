@@ -27,13 +27,14 @@ from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import can_return_tuple, logging
 
 from .attention import DeepseekV4Attention, DeepseekV4GroupedLinear
+from .batch_meta import BatchMeta
 from .cache import DeepseekV4Cache, DeepseekV4LayerCache
 from .compat import cache_kwargs, pick_cache, with_cache_aliases
 from .compressor import DeepseekV4HCACompressor
 from .configuration_deepseek_v4 import DeepseekV4ExtConfig
 from .dspark import DeepseekV4DSparkDrafter
 from .generation_hooks import DeepseekV4GenerationHooks
-from .hyper_connection import DeepseekV4HyperConnection, DeepseekV4HyperHead, DeepseekV4RMSNorm
+from .hyper_connection import DeepseekV4HyperConnection, DeepseekV4HyperHead
 from .losses import router_balance_loss
 from .moe import (
     DeepseekV4Experts,
@@ -42,10 +43,11 @@ from .moe import (
     DeepseekV4TopKRouter,
     default_tid2eid,
 )
+from .norm import DeepseekV4RMSNorm
 from .pretrained_io import DeepseekV4PretrainedIO
 from .quantized_modules import build_quantized_modules, init_quantized_module
 from .reference_numerics import set_reference_numerics
-from .rope import BatchMeta, RopeTables
+from .rope import RopeTables
 from .static_cache import DeepseekV4StaticCache
 
 logger = logging.get_logger(__name__)

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import torch
 from transformers.generation.candidate_generator import CandidateGenerator
 
+from .batch_meta import BatchMeta
 from .cache import DeepseekV4Cache
-from .rope import BatchMeta
 
 
 @dataclass

@@ -11,6 +11,13 @@ The formats themselves live in the modeling folder (`modeling_deepseek_v4.quant_
 quantized models carry them.
 """
 
+# From a checkout's root this folder is also importable as the top-level `quantization`, which would load its files a
+# second time as other modules (other classes, e.g. a second exception type); only the installed name is allowed.
+if __name__ != "modeling_deepseek_v4.quantization":
+    raise ImportError(
+        f"`{__name__}` is this repository's quantization/ folder; import it as `modeling_deepseek_v4.quantization`."
+    )
+
 from modeling_deepseek_v4.reference_numerics import set_reference_numerics
 
 from .qat import convert_qat, prepare_fp4_qat

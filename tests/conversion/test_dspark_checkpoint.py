@@ -14,11 +14,11 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from modeling_deepseek_v4 import DeepseekV4ExtForCausalLM
+from modeling_deepseek_v4.batch_meta import BatchMeta
 from modeling_deepseek_v4.conversion import ConversionError, convert_official_to_plugin
 from modeling_deepseek_v4.conversion.cli import main as cli
 from modeling_deepseek_v4.modeling_deepseek_v4 import DeepseekV4DecoderLayer
 from modeling_deepseek_v4.quantized_modules import DeepseekV4Fp8Linear, DeepseekV4QuantizedExperts
-from modeling_deepseek_v4.rope import BatchMeta
 from tests.conftest import tiny_config
 from tests.conversion.official_synth import INDEX_NAME, make_official_checkpoint
 from tests.conversion.test_convert import load_all, same_bits

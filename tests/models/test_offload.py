@@ -13,8 +13,9 @@ from accelerate.utils import compute_module_sizes, send_to_device
 from transformers import AutoModelForCausalLM
 
 from modeling_deepseek_v4 import DeepseekV4ExtConfig, DeepseekV4ExtForCausalLM
+from modeling_deepseek_v4.batch_meta import BatchMeta
 from modeling_deepseek_v4.quantization import quantize_model
-from modeling_deepseek_v4.rope import BatchMeta, RopeTables
+from modeling_deepseek_v4.rope import RopeTables
 from tests.conftest import tiny_config, tiny_model
 
 GENERATE = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
