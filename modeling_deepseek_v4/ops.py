@@ -1,13 +1,19 @@
-"""Public op functions and the backend registry.
+"""Public op functions and the backend registry (design.md, "Backend dispatch").
 
 Model code calls one public function per op (`rms_norm`, `hc_pre`, `hc_post`, `hc_head`, `compress_pool`,
 `indexer_topk`, `sparse_attention`, `grouped_experts`, `quantized_linear`). Each op has implementations registered
-per backend; the
-`reference` backend (``ops_reference.py``) runs everywhere and is the specification, fused kernels (``triton_*.py``,
-added by later work) register themselves here with a `supports(*args)` predicate checked per call, so a model can
-move between devices.
+per backend; the `reference` backend (``ops_reference.py``) runs everywhere and is the specification, optional
+backends (fused kernels in ``triton_*.py``, added by later work) are imported by ``ops_backends.py`` when their
+requirements hold and register here with a `supports(*args)` predicate checked per call, so a model can move
+between devices.
 
-Selection order (design.md, "Backend dispatch"):
+The dense ops are also `torch.library` custom ops (``ops_custom.py``): under `torch.compile` the public function
+calls the custom op, whose implementation picks the backend at run time (below), so the compiled graph has one node
+per op and the choice still follows `use_backend`; eager calls go straight to the backend (plain autograd).
+`quantized_linear`, and `grouped_experts` over weight views (`PackedWeight` and friends) rather than tensors, stay
+plain Python dispatch through the same registry.
+
+Selection order:
 1. a forced backend, from the ``use_backend(...)`` context manager or the ``DSV4_OPS_BACKEND`` environment
    variable; forcing a backend that cannot run the call raises;
 2. the config field ``ops_backend`` (passed by the modules as ``backend=``) when it is not ``"auto"``;
@@ -18,11 +24,16 @@ Selection order (design.md, "Backend dispatch"):
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import torch
+
+from .ops_backends import load_backends
+from .ops_custom import define_custom_ops
 from .ops_reference import (
     compress_pool as _compress_pool,
 )
@@ -54,8 +65,8 @@ from .ops_reference import (
 logger = logging.getLogger(__name__)
 
 BACKEND_ENV_VAR = "DSV4_OPS_BACKEND"
-# Higher priority first; "reference" is always last and always supports the call.
-BACKEND_PRIORITY = ("triton", "reference")
+# Higher priority first; "reference" is always last and always supports the call. `declare_backend` adds names.
+BACKEND_PRIORITY: tuple[str, ...] = ("triton", "reference")
 
 
 @dataclass
@@ -74,10 +85,24 @@ def _always(*args, **kwargs) -> bool:
 
 
 def register(op: str, backend: str, fn: Callable, supports: Callable[..., bool] = _always) -> None:
-    """Register `fn` as the `backend` implementation of `op` (idempotent: re-registering replaces)."""
+    """Register `fn` as the `backend` implementation of `op` (idempotent: re-registering replaces).
+
+    `fn` has the signature of the reference function; the dense ops call it (and `supports`) with the arguments that
+    have no default positionally and the others by keyword, e.g. `fn(q, keys, weights, positions, ratio, topk,
+    chunk=256, head_group=8, static_shapes=False, round_scores=False)`.
+    """
     if backend not in BACKEND_PRIORITY:
         raise ValueError(f"Unknown backend {backend!r} for op {op!r}; allowed: {BACKEND_PRIORITY}.")
     _REGISTRY.setdefault(op, {})[backend] = _Impl(fn, supports)
+
+
+def declare_backend(name: str) -> None:
+    """Allow `name` as a backend, ranked below the backends known so far and above `reference` (idempotent)."""
+    global BACKEND_PRIORITY
+    if not name.isidentifier() or name != name.lower() or name == "auto":
+        raise ValueError(f"Backend names are lower-case identifiers other than 'auto', got {name!r}.")
+    if name not in BACKEND_PRIORITY:
+        BACKEND_PRIORITY = (*BACKEND_PRIORITY[:-1], name, BACKEND_PRIORITY[-1])
 
 
 def available_backends(op: str) -> list[str]:
@@ -88,7 +113,7 @@ def available_backends(op: str) -> list[str]:
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Force every op inside the block onto backend `name` ("reference" or "triton"); raises if it cannot run."""
+    """Force every op inside the block onto backend `name` (e.g. "reference", "triton"); raises if it cannot run."""
     if name not in BACKEND_PRIORITY:
         raise ValueError(f"Unknown ops backend {name!r}; allowed: {BACKEND_PRIORITY}.")
     _FORCED.append(name)
@@ -120,8 +145,8 @@ def resolve(op: str, *args, backend: str | None = None, **kwargs) -> Callable:
         if impl is None or not impl.supports(*args, **kwargs):
             raise RuntimeError(
                 f"Ops backend {forced!r} was requested for {op!r} but cannot run this call "
-                f"(registered: {available_backends(op)}). Install the `triton` extra and use CUDA tensors, "
-                f"or select the reference backend."
+                f"(registered: {available_backends(op)}). For `triton`, install the `triton` extra and use CUDA "
+                f"tensors; or select the reference backend."
             )
         return impl.fn
     for name in BACKEND_PRIORITY:
@@ -134,9 +159,39 @@ def resolve(op: str, *args, backend: str | None = None, **kwargs) -> Callable:
     raise RuntimeError(f"No backend can run op {op!r}.")
 
 
+def _run(op: str, args: tuple, kwargs: dict, backend: str):
+    """Run one call of `op` on the backend the registry picks (the implementation of every custom op)."""
+    return resolve(op, *args, backend=backend, **kwargs)(*args, **kwargs)
+
+
 def _dispatch(op: str):
+    """Plain Python dispatch (no custom op): `quantized_linear`, and `grouped_experts` over weight views."""
+
     def call(*args, backend: str | None = None, **kwargs):
         return resolve(op, *args, backend=backend, **kwargs)(*args, **kwargs)
+
+    call.__name__ = op
+    call.__doc__ = _REFERENCE[op].__doc__
+    return call
+
+
+def _public(op: str):
+    """The public function of a dense op. Under `torch.compile` it is the op's custom op (one opaque node, the backend
+    picked at run time); eager calls dispatch directly, so autograd differentiates the backend itself: no recompute
+    in backward (the custom op's backward re-runs the reference), double backward works, and tensor subclasses
+    (DTensor) decompose as before."""
+    custom, signature = CUSTOM_OPS[op], inspect.signature(_REFERENCE[op])
+
+    def call(*args, backend: str | None = None, **kwargs):
+        if torch.compiler.is_compiling():
+            return custom(*args, **kwargs, backend=backend or "auto")
+        # Backends get one calling convention either way: required arguments by position, the others by name.
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        params = signature.parameters
+        required = [v for k, v in bound.arguments.items() if params[k].default is inspect.Parameter.empty]
+        named = {k: v for k, v in bound.arguments.items() if params[k].default is not inspect.Parameter.empty}
+        return _run(op, tuple(required), named, backend)
 
     call.__name__ = op
     call.__doc__ = _REFERENCE[op].__doc__
@@ -158,12 +213,28 @@ _REFERENCE = {
 for _op, _fn in _REFERENCE.items():
     register(_op, "reference", _fn)
 
-rms_norm = _dispatch("rms_norm")
-hc_pre = _dispatch("hc_pre")
-hc_post = _dispatch("hc_post")
-hc_head = _dispatch("hc_head")
-compress_pool = _dispatch("compress_pool")
-indexer_topk = _dispatch("indexer_topk")
-sparse_attention = _dispatch("sparse_attention")
-grouped_experts = _dispatch("grouped_experts")
+# One custom op per dense op (ops_custom.py); `quantized_linear` stays plain dispatch.
+CUSTOM_OPS = define_custom_ops(_run, _REFERENCE)
+
+rms_norm = _public("rms_norm")
+hc_pre = _public("hc_pre")
+hc_post = _public("hc_post")
+hc_head = _public("hc_head")
+compress_pool = _public("compress_pool")
+indexer_topk = _public("indexer_topk")
+sparse_attention = _public("sparse_attention")
 quantized_linear = _dispatch("quantized_linear")
+_grouped_experts_custom = _public("grouped_experts")
+_grouped_experts_views = _dispatch("grouped_experts")
+
+
+def grouped_experts(x, gate_up_proj, down_proj, *args, backend: str | None = None, **kwargs):
+    """Routed experts: the custom op when both banks are tensors; weight views (`QuantizedWeight`, QAT and bnb
+    banks, which dequantize what is indexed) keep plain dispatch. See ``ops_reference.grouped_experts``."""
+    if isinstance(gate_up_proj, torch.Tensor) and isinstance(down_proj, torch.Tensor):
+        return _grouped_experts_custom(x, gate_up_proj, down_proj, *args, backend=backend, **kwargs)
+    return _grouped_experts_views(x, gate_up_proj, down_proj, *args, backend=backend, **kwargs)
+
+
+# Optional backends (Triton kernels, ...) register themselves when their requirements hold (ops_backends.py).
+load_backends()

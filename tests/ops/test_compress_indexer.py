@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 
-from modeling_deepseek_v4.ops_reference import compress_pool, indexer_topk
+from tests.ops.harness import reference_op
+
+compress_pool, indexer_topk = reference_op("compress_pool"), reference_op("indexer_topk")
 
 torch.set_num_threads(1)
 

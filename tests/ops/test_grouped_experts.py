@@ -6,7 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modeling_deepseek_v4.ops_reference import grouped_experts
+from tests.ops.harness import reference_op
+
+grouped_experts = reference_op("grouped_experts")
 
 torch.set_num_threads(1)
 

@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 
-from modeling_deepseek_v4.ops_reference import hc_head, hc_post, hc_pre, rms_norm
+from tests.ops.harness import reference_op
+
+hc_head, hc_post, hc_pre, rms_norm = map(reference_op, ("hc_head", "hc_post", "hc_pre", "rms_norm"))
 
 torch.set_num_threads(1)
 

@@ -7,27 +7,21 @@ import logging
 import pytest
 import torch
 
-from modeling_deepseek_v4 import ops, ops_reference
+from modeling_deepseek_v4 import ops
+from tests.ops.harness import reference_fn, registry_restored
 
 torch.set_num_threads(1)
+
+reference_rms_norm = reference_fn("rms_norm")
 
 
 @pytest.fixture(autouse=True)
 def clean_registry(monkeypatch):
     """Snapshot and restore the registry so fake backends never leak into other tests."""
     monkeypatch.delenv(ops.BACKEND_ENV_VAR, raising=False)
-    saved = {op: dict(impls) for op, impls in ops._REGISTRY.items()}
-    saved_logged = set(ops._LOGGED_FALLBACK)
-    saved_forced = list(ops._FORCED)
-    ops._LOGGED_FALLBACK.clear()
-    try:
-        yield
-    finally:
-        ops._REGISTRY.clear()
-        ops._REGISTRY.update(saved)
+    with registry_restored():
         ops._LOGGED_FALLBACK.clear()
-        ops._LOGGED_FALLBACK.update(saved_logged)
-        ops._FORCED[:] = saved_forced
+        yield
 
 
 def _args():
@@ -53,7 +47,7 @@ def test_use_backend_reference():
     x, w, eps = _args()
     with ops.use_backend("reference"):
         out = ops.rms_norm(x, w, eps)
-    assert torch.equal(out, ops_reference.rms_norm(x, w, eps))
+    assert torch.equal(out, reference_rms_norm(x, w, eps))
     assert ops._FORCED == []
 
 
@@ -71,9 +65,9 @@ def test_env_var_triton_on_cpu_raises(monkeypatch):
     with pytest.raises(RuntimeError, match="triton"):
         ops.rms_norm(x, w, eps)
     monkeypatch.setenv(ops.BACKEND_ENV_VAR, "Reference ")
-    assert torch.equal(ops.rms_norm(x, w, eps), ops_reference.rms_norm(x, w, eps))
+    assert torch.equal(ops.rms_norm(x, w, eps), reference_rms_norm(x, w, eps))
     monkeypatch.setenv(ops.BACKEND_ENV_VAR, "auto")
-    assert torch.equal(ops.rms_norm(x, w, eps), ops_reference.rms_norm(x, w, eps))
+    assert torch.equal(ops.rms_norm(x, w, eps), reference_rms_norm(x, w, eps))
 
 
 def test_unknown_backend_names_raise_value_error(monkeypatch):
@@ -101,7 +95,7 @@ def test_auto_falls_back_when_triton_does_not_support(caplog):
     with caplog.at_level(logging.INFO, logger=ops.__name__):
         out = ops.rms_norm(x, w, eps)
         ops.rms_norm(x, w, eps)
-    assert torch.equal(out, ops_reference.rms_norm(x, w, eps))
+    assert torch.equal(out, reference_rms_norm(x, w, eps))
     assert len(seen) == 2 and seen[0][0][0] is x  # supports sees the call's arguments
     assert sum("rms_norm" in r.getMessage() for r in caplog.records) == 1  # logged once
     with pytest.raises(RuntimeError, match="triton"):
@@ -117,11 +111,11 @@ def test_auto_prefers_supporting_triton():
     assert torch.equal(ops.rms_norm(x, w, eps), torch.full_like(x, 7.0))
     assert torch.equal(ops.rms_norm(x, w, eps, backend="auto"), torch.full_like(x, 7.0))
     # the config backend picks reference; a forced backend overrides the config
-    assert torch.equal(ops.rms_norm(x, w, eps, backend="reference"), ops_reference.rms_norm(x, w, eps))
+    assert torch.equal(ops.rms_norm(x, w, eps, backend="reference"), reference_rms_norm(x, w, eps))
     with ops.use_backend("triton"):
         assert torch.equal(ops.rms_norm(x, w, eps, backend="reference"), torch.full_like(x, 7.0))
         with ops.use_backend("reference"):  # innermost wins
-            assert torch.equal(ops.rms_norm(x, w, eps), ops_reference.rms_norm(x, w, eps))
+            assert torch.equal(ops.rms_norm(x, w, eps), reference_rms_norm(x, w, eps))
         assert torch.equal(ops.rms_norm(x, w, eps), torch.full_like(x, 7.0))
 
 
@@ -130,3 +124,32 @@ def test_register_replaces():
     ops.register("rms_norm", "triton", _fake(1.0))
     ops.register("rms_norm", "triton", _fake(2.0))
     assert torch.equal(ops.rms_norm(x, w, eps), torch.full_like(x, 2.0))
+
+
+def test_declared_backend_ranks_above_reference_and_can_be_forced():
+    x, w, eps = _args()
+    with pytest.raises(ValueError):
+        ops.declare_backend("Auto")
+    ops.declare_backend("mine")
+    ops.declare_backend("mine")  # idempotent
+    assert ops.BACKEND_PRIORITY == ("triton", "mine", "reference")
+    ops.register("rms_norm", "mine", _fake(3.0))
+    assert ops.available_backends("rms_norm") == ["mine", "reference"]
+    assert torch.equal(ops.rms_norm(x, w, eps), torch.full_like(x, 3.0))  # auto: the first that supports the call
+    with ops.use_backend("reference"):
+        assert torch.equal(ops.rms_norm(x, w, eps), reference_rms_norm(x, w, eps))
+    with pytest.raises(RuntimeError, match="mine"), ops.use_backend("mine"):
+        ops.hc_post(torch.zeros(1, 1, 2), torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2), torch.zeros(1, 1, 2, 2))
+
+
+def test_backends_get_required_arguments_by_position_and_defaults_by_name():
+    seen = []
+
+    def supports(*args, **kwargs):
+        seen.append((len(args), sorted(kwargs)))
+        return True
+
+    ops.register("compress_pool", "triton", lambda kv, score, ratio, **kw: kv[:, ::ratio] * 0, supports)
+    kv = torch.randn(1, 4, 3)
+    out = ops.compress_pool(kv, kv, 2)
+    assert seen == [(3, ["overlap_kv", "overlap_score"])] and torch.equal(out, torch.zeros(1, 2, 3))

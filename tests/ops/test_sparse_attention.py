@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modeling_deepseek_v4.ops_reference import sparse_attention
+from tests.ops.harness import reference_op
+
+sparse_attention = reference_op("sparse_attention")
 
 torch.set_num_threads(1)
 
