@@ -15,9 +15,6 @@ import math
 
 import torch
 
-# BatchMeta moved to batch_meta.py; this name stays only until tests/ops/test_rope.py imports it from there.
-from .batch_meta import BatchMeta as BatchMeta
-
 
 def rope_inv_freq(params: dict, rope_dim: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Inverse frequencies `[rope_dim // 2]` (fp32) for one `rope_parameters` sub-dict ("default" or "yarn")."""

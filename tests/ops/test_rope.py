@@ -9,7 +9,8 @@ import torch
 import transformers
 from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4RotaryEmbedding
 
-from modeling_deepseek_v4.rope import BatchMeta, RopeTables, apply_rope, rope_inv_freq
+from modeling_deepseek_v4.batch_meta import BatchMeta
+from modeling_deepseek_v4.rope import RopeTables, apply_rope, rope_inv_freq
 
 torch.set_num_threads(1)
 
