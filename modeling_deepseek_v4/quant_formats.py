@@ -20,6 +20,7 @@ the quantized modules import from here.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
@@ -262,10 +263,14 @@ def dequantize_fp4(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
     One table lookup per byte (both nibbles at once) in the working dtype, then one multiply per group."""
     p = _packed_bytes(packed)
     work = _work_dtype(dtype, scale)
-    lut = _fp4_pair_lut(p.device).to(work).flatten()
-    # byte b -> values (2b, 2b + 1) of the flattened table: one gather, no per-nibble passes
-    index = p.to(torch.int64).unsqueeze(-1) * 2 + torch.arange(2, device=p.device)
-    w = lut[index].flatten(-2)
+    # byte -> both values at once: a table of 256 entries, each the two values' bits in one wide integer
+    # (little-endian: the low nibble's value first), gathered with an int32 index and viewed back as values
+    if sys.byteorder == "little":
+        wide = {torch.bfloat16: torch.int32, torch.float32: torch.int64}[work]
+        pairs = _fp4_pair_lut(p.device).to(work).contiguous().view(wide).reshape(256)
+        w = torch.index_select(pairs, 0, p.reshape(-1).to(torch.int32)).view(work).reshape(*p.shape[:-1], -1)
+    else:
+        w = _fp4_pair_lut(p.device).to(work)[p.to(torch.int64)].flatten(-2)
     s = _scale_multiplier(scale).to(work)
     _check_scale_shape(s, (*w.shape[:-1], _cdiv(w.shape[-1], FP4_GROUP)), "dequantize_fp4")
     _apply_scale(w.unsqueeze(-2), s.unsqueeze(-2), (1, FP4_GROUP))
