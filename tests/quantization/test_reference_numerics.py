@@ -6,12 +6,13 @@ import copy
 import pytest
 import torch
 
-from modeling_deepseek_v4 import attention, compressor, ops_reference
+from modeling_deepseek_v4 import attention, compressor
 from modeling_deepseek_v4.quant_formats import fp4_act_roundtrip, fp8_act_roundtrip
 from modeling_deepseek_v4.quantization import dequantize_model, quantize_model, set_reference_numerics
 from modeling_deepseek_v4.reference_numerics import hadamard_transform, indexer_fp4_roundtrip, kv_fp8_roundtrip
 from tests.conftest import tiny_model
 from tests.models.test_cache_consistency import incremental_logits
+from tests.ops.harness import reference_fn
 
 
 def logits(model, ids):
@@ -82,7 +83,7 @@ def test_each_step_runs_where_the_reference_runs_it(monkeypatch):
 
     def spy_topk(*args, **kwargs):
         rounded.append(kwargs["round_scores"])
-        return ops_reference.indexer_topk(*args, **{k: v for k, v in kwargs.items() if k != "backend"})
+        return reference_fn("indexer_topk")(*args, **{k: v for k, v in kwargs.items() if k != "backend"})
 
     monkeypatch.setattr(compressor, "indexer_topk", spy_topk)
 
@@ -136,11 +137,11 @@ def test_expert_activation_quantization_matches_a_hand_written_expert():
     torch.manual_seed(0)
     x, gate_up, down = torch.randn(5, 64), torch.randn(3, 16, 64) * 0.1, torch.randn(3, 64, 8) * 0.1
     idx, w = torch.randint(0, 3, (5, 1)), torch.rand(5, 1)
-    out = ops_reference.grouped_experts(x, gate_up, down, idx, w, 10.0, act_quant=True)
+    out = reference_fn("grouped_experts")(x, gate_up, down, idx, w, 10.0, act_quant=True)
     for t in range(5):
         e = int(idx[t, 0])
         h = fp8_act_roundtrip(x[t]) @ gate_up[e].T
         gate, up = h[:8].clamp(max=10.0), h[8:].clamp(-10.0, 10.0)
         h = fp8_act_roundtrip(torch.nn.functional.silu(gate) * up * w[t])
         torch.testing.assert_close(out[t], h @ down[e].T, atol=1e-5, rtol=0)
-    assert not torch.equal(out, ops_reference.grouped_experts(x, gate_up, down, idx, w, 10.0))
+    assert not torch.equal(out, reference_fn("grouped_experts")(x, gate_up, down, idx, w, 10.0))
