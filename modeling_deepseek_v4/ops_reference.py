@@ -10,10 +10,15 @@ Conventions: `B` batch, `S` new tokens, `H` heads, `D` head dim, `N` compressed 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
-from .quant_formats import dequantize_weight, fp8_act_roundtrip
+from .quant_formats import fp8_act_roundtrip
+
+if TYPE_CHECKING:
+    from .weight_formats import PackedWeight
 
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
@@ -389,11 +394,10 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def quantized_linear(
-    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, act_quant: bool = False
-) -> torch.Tensor:
-    """`y = x W^T` for a stored quantized weight: E4M3 `[N, K]` with 128x128 block scales or packed FP4 `[N, K/2]`
-    with 1x32 group scales (official `linear` in `inference/model.py`).
+def quantized_linear(x: torch.Tensor, weight: PackedWeight, act_quant: bool = False) -> torch.Tensor:
+    """`y = x W^T` for a stored quantized weight (official `linear` in `inference/model.py`): `weight` is a
+    `weight_formats.PackedWeight` (`data`, `scale`, `format`: E4M3 `[N, K]` with block scales, or packed FP4
+    `[N, K/2]` with 1x32 group scales), so a kernel sees the format explicitly.
 
     x: `[..., K]`. The weight is dequantized exactly to x.dtype and multiplied like a dense weight, so the result
     equals `F.linear` with the dequantized weight. act_quant: FP8 round trip of x first (reference numerics R1).
@@ -401,4 +405,4 @@ def quantized_linear(
     """
     if act_quant:
         x = fp8_act_roundtrip(x)
-    return F.linear(x, dequantize_weight(weight, scale, x.dtype))
+    return F.linear(x, weight.format.dequantize(weight.data, weight.scale, x.dtype))

@@ -140,7 +140,7 @@ class DeepseekV4Fp8Linear(_Fp8Storage, nn.Linear):
         self.backend = "auto"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return quantized_linear(x, self.weight, self.weight_scale_inv, backend=self.backend)
+        return quantized_linear(x, self.packed(x.dtype), backend=self.backend)
 
     def reset_parameters(self) -> None:
         # transformers initializes through `_init_weights`; nn.Linear's own init cannot write float8.

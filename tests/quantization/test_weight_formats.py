@@ -82,3 +82,23 @@ def test_fp8_with_32x32_blocks_is_one_more_format(tmp_path):
         for name, m in (("coarse", coarse), ("fine", fine))
     }
     assert err["fine"] <= err["coarse"]
+
+
+@pytest.mark.parametrize("fmt", [FP8, FP8_BLOCK32], ids=["fp8", "fp8_block32"])
+def test_quantized_linear_op_takes_the_packed_weight_with_its_format(fmt, monkeypatch):
+    from modeling_deepseek_v4 import ops
+
+    w, x = torch.randn(96, 160), torch.randn(3, 5, 160, dtype=torch.bfloat16)
+    packed = PackedWeight(*fmt.quantize(w), fmt, torch.bfloat16)
+    out = ops.quantized_linear(x, packed)
+    assert torch.equal(out, torch.nn.functional.linear(x, packed.dequantize()))
+    seen = []
+    monkeypatch.setattr(ops, "BACKEND_PRIORITY", ops.BACKEND_PRIORITY)  # restored after the test
+    ops.declare_backend("spy")
+    ops.register("quantized_linear", "spy", lambda x, weight, **kw: seen.append(weight.format) or x.new_zeros(1))
+    try:
+        with ops.use_backend("spy"):
+            ops.quantized_linear(x, packed)
+        assert seen == [fmt]  # a kernel receives the format explicitly, not a dtype to guess from
+    finally:
+        del ops._REGISTRY["quantized_linear"]["spy"]
