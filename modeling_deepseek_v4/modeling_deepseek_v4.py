@@ -36,6 +36,7 @@ from .dspark import DeepseekV4DSparkDrafter
 from .generation_hooks import DeepseekV4GenerationHooks
 from .hyper_connection import DeepseekV4HyperConnection, DeepseekV4HyperHead
 from .losses import router_balance_loss
+from .model_inputs import check_inputs, refuse_packed_rows, rows_gather, valid_tokens, warn_ignored_requests
 from .moe import (
     DeepseekV4Experts,
     DeepseekV4HashRouter,
@@ -51,36 +52,6 @@ from .rope import RopeTables
 from .static_cache import DeepseekV4StaticCache
 
 logger = logging.get_logger(__name__)
-
-
-def _warn_ignored_requests(config, kwargs: dict) -> None:
-    """Warn once about requests this model cannot honour, instead of ignoring them silently."""
-    if kwargs.get("output_attentions"):
-        logger.warning_once(
-            "DeepSeek-V4 does not return attention weights (its attention runs in query chunks over a key band and "
-            "never forms them); `output_attentions=True` is ignored and `attentions` stays None."
-        )
-    if config.attention_dropout:
-        logger.warning_once(
-            f"attention_dropout={config.attention_dropout} is not applied: DeepSeek-V4 (like the official model) "
-            "has no attention dropout."
-        )
-
-
-def _refuse_packed_rows(position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, kwargs: dict) -> None:
-    """Packed rows (several documents in one row: positions that restart, or flash-attention's `cu_seq_lens_*`, as
-    TRL's padding-free packing sends) would attend across documents here, since positions and windows follow the
-    attention mask. Refuse them instead of training on the wrong attention."""
-    restart = any(kwargs.get(key) is not None for key in ("cu_seq_lens_q", "cu_seq_lens_k"))
-    if not restart and position_ids is not None and position_ids.shape[-1] > 1:
-        if attention_mask is None or bool(attention_mask.bool().all()):
-            restart = bool((position_ids[..., 1:] <= position_ids[..., :-1]).any())
-    if restart:
-        raise ValueError(
-            "DeepSeek-V4 got packed sequences (position_ids that restart inside a row, or cu_seq_lens_*): this model "
-            "derives positions, windows and compression from the attention mask, so packed documents would attend "
-            "to each other. Pass one document per row with an attention_mask (TRL: packing=False, padding_free=False)."
-        )
 
 
 class DeepseekV4DecoderLayer(GradientCheckpointingLayer):
@@ -241,59 +212,6 @@ class DeepseekV4ExtPreTrainedModel(DeepseekV4PretrainedIO, PreTrainedModel):
             init.zeros_(module.position_bias)
 
 
-def _valid_tokens(attention_mask: torch.Tensor | None, batch: int, seq_len: int) -> torch.Tensor | None:
-    """`[B, S]` bool of real tokens in this call from a 2-D mask over (past +) current tokens, None if all real."""
-    if attention_mask is None:
-        return None
-    if attention_mask.dim() != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < seq_len:
-        raise ValueError(
-            f"DeepSeek-V4 takes a 2-D attention_mask [batch, past + new tokens] of 0/1 (got shape "
-            f"{tuple(attention_mask.shape)} for {batch} x {seq_len} new tokens); causality, the sliding window "
-            "and compression are handled inside the model."
-        )
-    mask = attention_mask[:, -seq_len:]
-    if mask.is_floating_point() and bool((mask < 0).any()):
-        # An additive mask (0 = attend, a large negative or -inf = masked), as some pipelines build them.
-        if not bool(((mask == 0) | (mask <= -1e4)).all()):
-            raise ValueError(
-                "attention_mask has negative values that are not an additive mask's (0 for real tokens, <= -1e4 or "
-                "-inf for padding); pass a 0/1 mask [batch, past + new tokens]."
-            )
-        valid = mask == 0
-    else:
-        if not bool(((mask == 0) | (mask == 1)).all()):
-            raise ValueError(
-                "attention_mask must hold 0 (padding) and 1 (real token) only, or be an additive 0 / -inf mask."
-            )
-        valid = mask.bool()
-    return None if bool(valid.all()) else valid
-
-
-def _check_inputs(input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> None:
-    """`input_ids [B, S]` and / or `inputs_embeds [B, S, d]` (both: the embeddings are used, the ids feed the
-    hash-routed layers, which pick experts by token id), with at least one token per row."""
-    if input_ids is None and inputs_embeds is None:
-        raise ValueError("Pass `input_ids` [batch, tokens] or `inputs_embeds` [batch, tokens, hidden].")
-    if input_ids is not None and inputs_embeds is not None and input_ids.shape != inputs_embeds.shape[:2]:
-        raise ValueError(
-            f"input_ids {tuple(input_ids.shape)} and inputs_embeds {tuple(inputs_embeds.shape)} disagree: with both, "
-            "input_ids must name the tokens of inputs_embeds (the hash-routed layers read them)."
-        )
-    shape = tuple(input_ids.shape if input_ids is not None else inputs_embeds.shape[:2])
-    if 0 in shape:
-        raise ValueError(f"The input is empty (batch x tokens = {shape}); pass at least one token per row.")
-
-
-def _rows_gather(x: torch.Tensor | None, order: torch.Tensor) -> torch.Tensor | None:
-    """Reorder dim 1 of `x [B, S, ...]` per row with `order [B, S]`."""
-    if x is None:
-        return None
-    # A model split across devices (accelerate `device_map`) ends on another device than the embedding it started on.
-    order = order.to(x.device)
-    index = order.view(*order.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
-    return torch.gather(x, 1, index)
-
-
 class DeepseekV4ExtModel(DeepseekV4ExtPreTrainedModel):
     """Embeddings -> n_hc streams -> decoder layers -> `hc_head` -> `norm`. Holds the MTP blocks as `mtp.*`."""
 
@@ -369,9 +287,9 @@ class DeepseekV4ExtModel(DeepseekV4ExtPreTrainedModel):
         for API compatibility and ignored (it must equal `cumsum(attention_mask) - 1`, what `generate` passes).
         The cache comes as `cache=` (transformers >= 5.24) or `past_key_values=` (its older name); the output
         carries it under both names (compat.py)."""
-        _check_inputs(input_ids, inputs_embeds)
-        _warn_ignored_requests(self.config, kwargs)
-        _refuse_packed_rows(position_ids, attention_mask, kwargs)
+        check_inputs(input_ids, inputs_embeds)
+        warn_ignored_requests(self.config, kwargs)
+        refuse_packed_rows(position_ids, attention_mask, kwargs)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         output_hidden_states = bool(
             self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
@@ -384,20 +302,20 @@ class DeepseekV4ExtModel(DeepseekV4ExtPreTrainedModel):
             hidden = self._decode_step(inputs_embeds, input_ids, cache)
             cache.processed += 1
             return DeepseekV4ModelOutput(last_hidden_state=hidden, **cache_kwargs(cache))
-        valid = _valid_tokens(attention_mask, b, s)
+        valid = valid_tokens(attention_mask, b, s)
         if valid is None:
             order = None
             lengths = torch.full((b,), s, dtype=torch.long, device=inputs_embeds.device)
         else:
             # Stable sort puts each row's real tokens first, in order; pads go to the end.
             order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)
-            inputs_embeds, input_ids = _rows_gather(inputs_embeds, order), _rows_gather(input_ids, order)
+            inputs_embeds, input_ids = rows_gather(inputs_embeds, order), rows_gather(input_ids, order)
             lengths = valid.sum(dim=1)
         start = cache.start_positions(b, inputs_embeds.device) if cache is not None else torch.zeros_like(lengths)
         meta = BatchMeta(start, lengths, s, self.rope_tables)
 
         inverse = None if order is None else torch.argsort(order, dim=1)
-        restore = (lambda t: t) if inverse is None else (lambda t: _rows_gather(t, inverse))
+        restore = (lambda t: t) if inverse is None else (lambda t: rows_gather(t, inverse))
         hidden = inputs_embeds.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1)
         all_hidden, routers = [], []
         for i, layer in enumerate(self.layers):
@@ -405,7 +323,7 @@ class DeepseekV4ExtModel(DeepseekV4ExtPreTrainedModel):
                 all_hidden.append(restore(hidden))
                 # Continue from the returned tensor (a permutation there and back, exact) so that it lies on the
                 # graph of the outputs: `hidden_states[i].retain_grad()` then gets the outputs' gradient.
-                hidden = hidden if order is None else _rows_gather(all_hidden[-1], order)
+                hidden = hidden if order is None else rows_gather(all_hidden[-1], order)
             hidden, router = layer(
                 hidden, meta=meta, input_ids=input_ids, layer_cache=cache.layers[i] if cache else None
             )
@@ -468,8 +386,8 @@ class DeepseekV4ExtForCausalLM(DeepseekV4GenerationHooks, DeepseekV4ExtPreTraine
         output_router_logits = (
             self.config.output_router_logits if output_router_logits is None else output_router_logits
         )
-        _warn_ignored_requests(self.config, kwargs)
-        _refuse_packed_rows(position_ids, attention_mask, kwargs)
+        warn_ignored_requests(self.config, kwargs)
+        refuse_packed_rows(position_ids, attention_mask, kwargs)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import modeling_deepseek_v4.modeling_deepseek_v4 as modeling
+import modeling_deepseek_v4.model_inputs as model_inputs
 from modeling_deepseek_v4 import DeepseekV4ExtForCausalLM
 from modeling_deepseek_v4.moe import DeepseekV4HashRouter
 from tests.conftest import tiny_config, tiny_model
@@ -42,7 +42,7 @@ def test_resize_token_embeddings_keeps_hash_routing_working(tmp_path):
 
 def test_unsupported_requests_warn_once(monkeypatch):
     seen = []
-    monkeypatch.setattr(modeling.logger, "warning_once", lambda msg, *a, **k: seen.append(msg))
+    monkeypatch.setattr(model_inputs.logger, "warning_once", lambda msg, *a, **k: seen.append(msg))
     model = tiny_model()
     ids = torch.randint(2, 97, (1, 10))
     with torch.no_grad():
