@@ -30,6 +30,7 @@ from modeling_deepseek_v4.checkpoint_reader import (
     read_header,
 )
 from modeling_deepseek_v4.checkpoint_reader import CheckpointError as ConversionError
+from modeling_deepseek_v4.official_layout import copy_side_files
 
 __all__ = [
     "DTYPES",
@@ -309,26 +310,9 @@ class OutputFolder:
             raise error(f"{reason}; {after}.") from None
 
     def copy_from(self, src: Path, names: Iterable[str]) -> None:
-        """Copy the side files and folders among `names` that exist in `src` (tokenizer, chat template, the
-        official `encoding/` helpers, generation config, license) into the temporary folder. Links are followed
-        only to files inside `src` (or, for a Hub cache snapshot, inside that repository's cache)."""
-        root = _copy_root(src)
-        for name in names:
-            path = src / name
-            if not os.path.lexists(path):
-                continue
-            for item in [path, *(path.rglob("*") if path.is_dir() else ())]:
-                if item.is_symlink() and not _inside(item.resolve(), root):
-                    raise ConversionError(
-                        f"{item}: a link to {item.resolve()}, outside the source folder; copy the file into the "
-                        "source folder or remove the link."
-                    )
-            if path.is_dir():
-                # dirs_exist_ok: a resumed run may have copied it already; bytecode caches are not part of a release.
-                ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-                shutil.copytree(path, self.tmp / name, ignore=ignore, dirs_exist_ok=True)
-            elif path.exists():
-                shutil.copy2(path, self.tmp / name)
+        """Copy the side files among `names` that `src` has into the temporary folder (`copy_side_files`: links
+        only from inside the source)."""
+        copy_side_files(src, self.tmp, names)
 
     def _close_bar(self) -> None:
         if self.bar is not None:
@@ -385,20 +369,6 @@ def _describe(exc: BaseException) -> str:
         }.get(exc.errno, "")
         return f"{where}{exc.strerror or exc}{hint}"
     return str(exc)
-
-
-def _copy_root(src: Path) -> Path:
-    """Where links in `src` may point: the folder, or a Hub cache repository (`snapshots/<rev>` -> `blobs/`)."""
-    src = src.resolve()
-    return src.parent.parent if src.parent.name == "snapshots" else src
-
-
-def _inside(path: Path, root: Path) -> bool:
-    try:
-        path.relative_to(root)
-    except ValueError:
-        return False
-    return True
 
 
 def temp_dir_for(destination: Path) -> Path:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from modeling_deepseek_v4 import DeepseekV4ExtConfig, DeepseekV4ExtForCausalLM
+from modeling_deepseek_v4.official_layout import check_expert_ids
 
 from .checkpoint import DTYPES, ConversionError, SourceCheckpoint
 
@@ -74,10 +75,5 @@ def check_plugin_tensors(source: SourceCheckpoint, config: DeepseekV4ExtConfig) 
 
 def check_table(name: str, tensor: torch.Tensor, config: DeepseekV4ExtConfig, where: Path) -> None:
     """Hash-routing tables map tokens to experts that exist."""
-    if name.endswith("tid2eid") and tensor.numel():
-        low, high = int(tensor.min()), int(tensor.max())
-        if low < 0 or high >= config.n_routed_experts:
-            raise ConversionError(
-                f"{where}: tensor {name!r} holds expert ids in [{low}, {high}], outside [0, "
-                f"{config.n_routed_experts}) (n_routed_experts); the file is damaged or belongs to another config."
-            )
+    if name.endswith("tid2eid"):
+        check_expert_ids(tensor, config.n_routed_experts, where, name)

@@ -14,7 +14,9 @@ names), §8 (FP8 / FP4 formats); DSpark releases (`-0731`): docs/dspark.md §2.2
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,6 +147,36 @@ COPIED_FILES = (
     "LICENSE",
 )
 OUT_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "keep": torch.bfloat16}
+
+
+def copy_side_files(src: Path, dst: Path, names=COPIED_FILES, replace: bool = True) -> None:
+    """Copy the side files and folders among `names` that exist in `src` (tokenizer, chat template, the official
+    `encoding/` helpers, generation config, license) into `dst`, each through a temporary name renamed into place;
+    `replace=False` keeps what `dst` already has. Links are followed only to files inside `src` (or, for a Hub cache
+    snapshot, inside that repository's cache), so nothing from elsewhere on the machine is copied."""
+    src, dst = Path(src), Path(dst)
+    resolved = src.resolve()
+    root = resolved.parent.parent if resolved.parent.name == "snapshots" else resolved
+    for name in names:
+        path, target = src / name, dst / name
+        if not os.path.lexists(path) or (not replace and os.path.lexists(target)):
+            continue
+        for item in [path, *(path.rglob("*") if path.is_dir() else ())]:
+            if item.is_symlink() and not item.resolve().is_relative_to(root):
+                raise CheckpointError(
+                    f"{item}: a link to {item.resolve()}, outside the source folder; copy the file into the "
+                    "source folder or remove the link."
+                )
+        tmp = dst / f".{name}.tmp"
+        if path.is_dir():
+            # bytecode caches are not part of a release
+            shutil.copytree(path, tmp, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"), dirs_exist_ok=True)
+            shutil.rmtree(target, ignore_errors=True)
+        elif path.exists():
+            shutil.copy2(path, tmp)
+        else:
+            continue
+        os.replace(tmp, target)
 
 
 @dataclass
@@ -502,16 +534,23 @@ def stream_outputs(plan: OfficialPlan, dtype: str, wanted: Callable[[str], bool]
                         pending.pop(p, None)
 
 
+def check_expert_ids(table: torch.Tensor, n_experts: int, where: Path, name: str) -> None:
+    """A hash-routing table (`tid2eid`) maps tokens to experts that exist: entries in [0, n_experts)."""
+    if table.numel():
+        low, high = int(table.min()), int(table.max())
+        if low < 0 or high >= n_experts:
+            raise CheckpointError(
+                f"{where}: tensor {name!r} holds expert ids in [{low}, {high}], outside [0, {n_experts}) "
+                f"(n_routed_experts={n_experts}); the file is damaged or belongs to another config."
+            )
+
+
 def _check_values(source: SourceCheckpoint, out: Output, loaded: dict[str, torch.Tensor]) -> None:
     """Values the readers' NaN / Inf scan cannot judge: table entries in range, float32 block scales positive."""
     for piece in out.pieces:
         tensor, info = loaded[piece], source.tensors[piece]
-        if out.limit is not None and tensor.numel() and (int(tensor.min()) < 0 or int(tensor.max()) >= out.limit):
-            raise CheckpointError(
-                f"{source.folder / info.file}: tensor {piece!r} holds expert ids in [{int(tensor.min())}, "
-                f"{int(tensor.max())}], outside [0, {out.limit}) (n_routed_experts={out.limit}); the file is damaged "
-                "or belongs to another config."
-            )
+        if out.limit is not None:
+            check_expert_ids(tensor, out.limit, source.folder / info.file, piece)
         if piece.endswith(".scale") and tensor.dtype == torch.float32 and tensor.numel() and float(tensor.min()) <= 0:
             raise CheckpointError(
                 f"{source.folder / info.file}: scale {piece!r} holds a value <= 0 ({float(tensor.min())}); block "

@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
 from transformers.utils import logging
 
-from .official_layout import COPIED_FILES, plan_official, stream_outputs
+from .official_layout import copy_side_files, plan_official, stream_outputs
 
 logger = logging.get_logger(__name__)
 
@@ -230,18 +229,5 @@ def _dispatch(model, device_map: dict | None, offload_folder: str | None, offloa
 def copy_official_side_files(source: Path | None, save_directory: str | os.PathLike) -> None:
     """After `save_pretrained` of a directly loaded model: the source's tokenizer files, chat template, `encoding/`
     helpers and license ride along (what the converter copies), without replacing files already written there."""
-    if source is None:
-        return
-    target = Path(save_directory)
-    for name in COPIED_FILES:
-        src, dst = source / name, target / name
-        if dst.exists() or not src.exists():
-            continue
-        if src.is_dir():
-            tmp = target / f".{name}.tmp"
-            shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"), dirs_exist_ok=True)
-            os.replace(tmp, dst)
-        else:
-            tmp = target / f".{name}.tmp"
-            shutil.copy2(src, tmp)
-            os.replace(tmp, dst)
+    if source is not None:
+        copy_side_files(source, Path(save_directory), replace=False)

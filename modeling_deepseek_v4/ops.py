@@ -180,18 +180,22 @@ def _public(op: str):
     picked at run time); eager calls dispatch directly, so autograd differentiates the backend itself: no recompute
     in backward (the custom op's backward re-runs the reference), double backward works, and tensor subclasses
     (DTensor) decompose as before."""
-    custom, signature = CUSTOM_OPS[op], inspect.signature(_REFERENCE[op])
+    custom, params = CUSTOM_OPS[op], inspect.signature(_REFERENCE[op]).parameters.values()
+    required = [p.name for p in params if p.default is inspect.Parameter.empty]
+    defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    optional, n = list(defaults), len(required)
 
     def call(*args, backend: str | None = None, **kwargs):
         if torch.compiler.is_compiling():
             return custom(*args, **kwargs, backend=backend or "auto")
-        # Backends get one calling convention either way: required arguments by position, the others by name.
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        params = signature.parameters
-        required = [v for k, v in bound.arguments.items() if params[k].default is inspect.Parameter.empty]
-        named = {k: v for k, v in bound.arguments.items() if params[k].default is not inspect.Parameter.empty}
-        return _run(op, tuple(required), named, backend)
+        # Backends get one calling convention either way: required arguments by position, the others by name
+        # (defaults filled in). Precomputed from the signature: this runs on every eager op call.
+        if len(args) > n:
+            kwargs = {**dict(zip(optional, args[n:])), **kwargs}
+            args = args[:n]
+        elif len(args) < n:
+            args = (*args, *(kwargs.pop(name) for name in required[len(args) :]))
+        return _run(op, args, {**defaults, **kwargs}, backend)
 
     call.__name__ = op
     call.__doc__ = _REFERENCE[op].__doc__

@@ -10,34 +10,21 @@ import pytest
 from tests.conftest import tiny_config
 from tests.conversion.official_synth import make_official_checkpoint
 
-# ru_maxrss is a lifetime maximum that imports can already exceed, so the child samples VmRSS every millisecond
-# while the conversion runs (the tensors involved are tens of MB and live for many milliseconds).
 CHILD = textwrap.dedent(
     """
-    import json, sys, threading, time
+    import json, sys
     from modeling_deepseek_v4.conversion import convert_official_to_plugin
+    from tests.rss import peak_rss
 
-    def rss():
-        with open("/proc/self/status") as f:
-            return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS"))
-
-    peak, running = [0], [True]
-
-    def sample():
-        while running[0]:
-            peak[0] = max(peak[0], rss())
-            time.sleep(0.001)
-
+    src, dst, shard_size = sys.argv[1], sys.argv[2], int(sys.argv[3])
     # A dry run first: it plans from the headers and imports everything lazily imported, so the baseline
     # measures the data path only.
-    convert_official_to_plugin(sys.argv[1], sys.argv[2], dtype="bf16", shard_size=int(sys.argv[3]), dry_run=True)
-    base = rss()
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    convert_official_to_plugin(sys.argv[1], sys.argv[2], dtype="bf16", shard_size=int(sys.argv[3]), progress=False)
-    running[0] = False
-    sampler.join()
-    print(json.dumps({"base": base, "peak": peak[0]}))
+    def convert(**options):
+        return convert_official_to_plugin(src, dst, dtype="bf16", shard_size=shard_size, **options)
+
+    convert(dry_run=True)
+    _, base, peak = peak_rss(lambda: convert(progress=False))
+    print(json.dumps({"base": base, "peak": peak}))
     """
 )
 

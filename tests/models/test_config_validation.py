@@ -19,29 +19,13 @@ from modeling_deepseek_v4.conversion.checkpoint import temp_dir_for
 from modeling_deepseek_v4.conversion.cli import main as cli
 from tests.conftest import tiny_config
 from tests.conversion.official_synth import make_official_checkpoint, official_config_dict
+from tests.models.test_config import TINY
 
 torch.set_num_threads(1)
 
 CSA, HCA, SWA = "compressed_sparse_attention", "heavily_compressed_attention", "sliding_attention"
 YARN = {"type": "yarn", "factor": 16, "original_max_position_embeddings": 65536, "beta_fast": 32, "beta_slow": 1}
-BASE = {
-    "vocab_size": 256,
-    "hidden_size": 64,
-    "moe_intermediate_size": 32,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "head_dim": 32,
-    "q_lora_rank": 16,
-    "o_groups": 2,
-    "o_lora_rank": 16,
-    "n_routed_experts": 8,
-    "num_experts_per_tok": 2,
-    "index_n_heads": 2,
-    "index_head_dim": 16,
-    "index_topk": 4,
-    "sliding_window": 8,
-    "max_position_embeddings": 4096,
-}
+BASE = TINY  # the valid config the cases below break one field of
 DSPARK = {
     "dspark_num_stages": 3,
     "dspark_block_size": 5,

@@ -269,32 +269,17 @@ def test_importing_the_package_does_not_route_deepseek_v4():
 
 MEMORY_CHILD = textwrap.dedent(
     """
-    import json, sys, threading, time
+    import json, sys
     import torch
     from modeling_deepseek_v4 import DeepseekV4ExtForCausalLM
     from modeling_deepseek_v4.official_layout import plan_official
-
-    def rss():
-        with open("/proc/self/status") as f:
-            return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS"))
-
-    peak, running = [0], [True]
-
-    def sample():
-        while running[0]:
-            peak[0] = max(peak[0], rss())
-            time.sleep(0.001)
+    from tests.rss import peak_rss
 
     dtype = {"keep": None, "bf16": torch.bfloat16}[sys.argv[2]]
     plan_official(sys.argv[1], sys.argv[2])  # imports and plans from the headers: the baseline is the data path
-    base = rss()
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    model = DeepseekV4ExtForCausalLM.from_pretrained(sys.argv[1], dtype=dtype)
-    running[0] = False
-    sampler.join()
+    model, base, peak = peak_rss(lambda: DeepseekV4ExtForCausalLM.from_pretrained(sys.argv[1], dtype=dtype))
     size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    print(json.dumps({"base": base, "peak": peak[0], "model": size}))
+    print(json.dumps({"base": base, "peak": peak, "model": size}))
     """
 )
 
