@@ -9,8 +9,10 @@ Command (about 3 minutes on a 2-vCPU VM):
 
 Memory = bytes of every parameter and buffer of the model (what stays resident), split into the routed experts
 and the rest. Forward = median of `--repeats` timed `model(ids, use_cache=False, logits_to_keep=1)` calls after one
-warm-up, batch 1, `--seq` tokens, compute in bf16, `torch.set_num_threads(--threads)`. The quantized paths use the
-pure-PyTorch reference ops (dequantize, then matmul); fused kernels come later, so on CPU they trade time for memory.
+warm-up, the formats timed in turn (one forward of each per round, so that the drift of a shared machine hits all
+alike), batch 1, `--seq` tokens, compute in bf16, `torch.set_num_threads(--threads)`. The quantized paths use the
+pure-PyTorch reference ops (exact dequantization, then matmul); fused kernels come later, so on CPU they trade
+time for memory.
 """
 
 import argparse
@@ -107,24 +109,28 @@ def build(mode: str, config_kwargs: dict, folder: Path):
     return model
 
 
-def time_forward(model, ids, repeats: int) -> float:
+def time_forwards(models: dict, ids, repeats: int) -> dict:
+    """Median forward seconds per model, the models timed in turn (round robin) so that drift of a shared machine
+    falls on every format alike."""
     import torch
 
+    times = {name: [] for name in models}
     with torch.no_grad():
-        model(ids, use_cache=False, logits_to_keep=1)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
+        for model in models.values():
             model(ids, use_cache=False, logits_to_keep=1)
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for _ in range(repeats):
+            for name, model in models.items():
+                t0 = time.perf_counter()
+                model(ids, use_cache=False, logits_to_keep=1)
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS))
     parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -148,23 +154,27 @@ def main() -> None:
         kwargs = CONFIGS[name]
         gen = torch.Generator().manual_seed(0)
         ids = torch.randint(0, kwargs["vocab_size"], (1, args.seq), generator=gen)
-        base = None
+        models, failed = {}, {}
         with tempfile.TemporaryDirectory() as tmp:
             for mode in MODES:
                 try:
-                    model = build(mode, kwargs, Path(tmp))
+                    models[mode] = build(mode, kwargs, Path(tmp))
                 except Exception as exc:  # bitsandbytes missing or unable to run here
-                    lines.append(f"| {name} | {mode} | n/a | | | | | ({type(exc).__name__}: {str(exc)[:80]}) |")
-                    continue
-                experts, rest = weight_bytes(model)
-                seconds = time_forward(model, ids, args.repeats)
-                total = experts + rest
-                base = base or (total, seconds)
-                lines.append(
-                    f"| {name} | {mode} | {experts / 2**20:.2f} | {rest / 2**20:.2f} | {total / 2**20:.2f} | "
-                    f"{total / base[0]:.2f}x | {seconds:.3f} | {seconds / base[1]:.2f}x |"
-                )
-                del model
+                    failed[mode] = f"{type(exc).__name__}: {str(exc)[:80]}"
+            seconds = time_forwards(models, ids, args.repeats)
+        base = None
+        for mode in MODES:
+            if mode in failed:
+                lines.append(f"| {name} | {mode} | n/a | | | | | ({failed[mode]}) |")
+                continue
+            experts, rest = weight_bytes(models[mode])
+            total = experts + rest
+            base = base or (total, seconds[mode])
+            lines.append(
+                f"| {name} | {mode} | {experts / 2**20:.2f} | {rest / 2**20:.2f} | {total / 2**20:.2f} | "
+                f"{total / base[0]:.2f}x | {seconds[mode]:.3f} | {seconds[mode] / base[1]:.2f}x |"
+            )
+        del models
     emit(lines, start, source_id(), args.out)
 
 

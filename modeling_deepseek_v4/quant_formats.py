@@ -26,6 +26,8 @@ from typing import NamedTuple
 
 import torch
 
+from .bit_decode import FP8_BITS_FACTOR, fp4_quad_gather, fp4_quad_usable, fp8_bits, fp8_bits_usable
+
 FP8_MAX = 448.0
 FP4_MAX = 6.0
 # amax floors of the official kernels: FP8 `act_quant` clamps at 1e-4, FP4 `fp4_quant` at 6 * 2**-126
@@ -60,7 +62,15 @@ def e8m0_to_float(scale: torch.Tensor) -> torch.Tensor:
         scale = scale.view(torch.uint8)
     elif scale.dtype != torch.uint8:
         raise TypeError(f"E8M0 scales must be torch.float8_e8m0fnu or uint8 bytes, got {scale.dtype}")
-    return _pow2(scale.to(torch.int32) - 127).masked_fill_(scale == 255, float("nan"))
+    # one gather from the 256 decoded values: scales are decoded per expert per call, so this stays two small ops
+    table = _E8M0_VALUES.get(scale.device)
+    if table is None:
+        byte = torch.arange(256, dtype=torch.int32, device=scale.device)
+        table = _E8M0_VALUES[scale.device] = _pow2(byte - 127).masked_fill_(byte == 255, float("nan"))
+    return torch.index_select(table, 0, scale.reshape(-1).to(torch.int32)).view(scale.shape)
+
+
+_E8M0_VALUES: dict[torch.device, torch.Tensor] = {}
 
 
 def float_to_e8m0(x: torch.Tensor) -> torch.Tensor:
@@ -150,6 +160,15 @@ def _absmax(xv: torch.Tensor, dim: tuple[int, int], keepdim: bool) -> torch.Tens
 
 def _apply_scale(x: torch.Tensor, s: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """In place: x `[..., M, N]` *= the scale of its block. Returns x."""
+    (rows, cols), (bm, bn) = x.shape[-2:], block
+    if x.is_contiguous() and s.is_contiguous() and rows % bm == 0 and cols % bn == 0 and x.numel():
+        # whole blocks: the fewest dims the broadcast needs (an elementwise kernel over 2 or 4 dims runs much faster
+        # than over the 5+ of `_block_views`; 1 x bn groups need just [groups, bn] x [groups, 1])
+        if bm == 1:
+            x.view(-1, bn).mul_(s.reshape(-1, 1))
+        else:
+            x.view(-1, bm, cols // bn, bn).mul_(s.reshape(-1, 1, cols // bn, 1))
+        return x
     for xv, sv in _block_views(x, s, block):
         xv.mul_(sv)
     return x
@@ -265,7 +284,9 @@ def dequantize_fp4(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
     work = _work_dtype(dtype, scale)
     # byte -> both values at once: a table of 256 entries, each the two values' bits in one wide integer
     # (little-endian: the low nibble's value first), gathered with an int32 index and viewed back as values
-    if sys.byteorder == "little":
+    if fp4_quad_usable(p, work):
+        w = fp4_quad_gather(p, _fp4_pair_lut(p.device))
+    elif sys.byteorder == "little":
         wide = {torch.bfloat16: torch.int32, torch.float32: torch.int64}[work]
         pairs = _fp4_pair_lut(p.device).to(work).contiguous().view(wide).reshape(256)
         w = torch.index_select(pairs, 0, p.reshape(-1).to(torch.int32)).view(work).reshape(*p.shape[:-1], -1)
@@ -310,10 +331,14 @@ def dequantize_fp8_blocks(
     if w.dtype != torch.float8_e4m3fn:
         raise TypeError(f"dequantize_fp8_blocks expects torch.float8_e4m3fn data, got {w.dtype}")
     work = _work_dtype(dtype, scale)
-    out = w.to(work, memory_format=torch.contiguous_format)
     s = _scale_multiplier(scale)
     expected = (*w.shape[:-2], _cdiv(w.shape[-2], block[0]), _cdiv(w.shape[-1], block[1]))
     _check_scale_shape(s, expected, "dequantize_fp8_blocks")
+    if fp8_bits_usable(w, s, work):
+        # bits moved, not values converted: value * 2**-120, the 2**120 folded into the (exact) scale product
+        out, s = fp8_bits(w, work), s * FP8_BITS_FACTOR
+    else:
+        out = w.to(work, memory_format=torch.contiguous_format)
     _apply_scale(out, s.to(work), block)
     return out if work == dtype else out.to(dtype)
 

@@ -74,7 +74,8 @@ class WeightFormat:
         self, data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32, halves: int = 1
     ) -> torch.Tensor:
         """(data, scale) -> dense `[..., N, K]` in `dtype`, exactly (each half blocked on its own)."""
-        if halves > 1 and self.block[0] > 1:
+        # halves whose rows are whole blocks share the whole tensor's block grid: no split, no concatenation
+        if halves > 1 and (data.shape[-2] // halves) % self.block[0]:
             parts = zip(data.chunk(halves, dim=-2), scale.chunk(halves, dim=-2))
             return torch.cat([self._dequantize(d, s, dtype) for d, s in parts], dim=-2)
         return self._dequantize(data, scale, dtype)
