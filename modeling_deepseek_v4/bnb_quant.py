@@ -6,9 +6,9 @@ routed experts (3-D `mlp.experts.gate_up_proj [E, 2I, d]` / `down_proj [E, d, I]
 `o_a_proj` (deliberately not an `nn.Linear`) would stay dense. `DeepseekV4ExtPreTrainedModel.from_pretrained` calls
 `apply_bnb_to_custom_weights` after loading, which swaps in:
 - `DeepseekV4Bnb4bitExperts`: each expert quantized on its own by `bitsandbytes.functional.quantize_4bit` (blocks of
-  64, one fp32 absmax each, zero padded per expert). The ops get `Bnb4bitWeight` views with the dense `.shape` whose
-  indexing dequantizes only the selection (the `QuantizedWeight` protocol): only experts that get tokens are
-  dequantized.
+  64, one fp32 absmax each, zero padded per expert). The ops get `PackedWeight` values in a `Bnb4bitFormat`
+  (`BNB_FORMATS`, the same seam as FP8 / FP4) whose indexing dequantizes only the selection: only experts that get
+  tokens are dequantized.
 - `DeepseekV4Bnb4bitGroupedLinear`: the `o_a_proj` weight stored the same way, dequantized per forward.
 Quant type from `bnb_4bit_quant_type`, compute dtype from `bnb_4bit_compute_dtype` (as `Linear4bit`: input cast to
 it, weight dequantized to it). `bnb_4bit_use_double_quant` only affects the `Linear4bit` layers.
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -34,7 +35,8 @@ from torch import nn
 from .attention import DeepseekV4GroupedLinear
 from .moe import DeepseekV4Experts
 from .quantized_modules import _KeepsStorageDtype
-from .weight_formats import grouped_linear
+from .reference_numerics import carry_numerics
+from .weight_formats import PackedWeight, WeightFormat, grouped_linear
 
 
 class _LazyBnb:
@@ -123,57 +125,84 @@ def with_dense_modules(quantization_config, keep_dense) -> object:
     return config
 
 
-def _quantize_stack(w: torch.Tensor, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """`[E, N, K]` -> packed uint8 `[E, P/2]` and fp32 absmax `[E, P/64]`, `P` = N*K rounded up to 64 (zero pad)."""
-    packed, absmax = [], []
-    for expert in w.detach():  # one expert at a time: the fp32 working copy stays one expert big
-        row = nn.functional.pad(expert.float().flatten(), (0, -expert.numel() % BLOCKSIZE))
-        q, state = _lazy.module.functional.quantize_4bit(row, blocksize=BLOCKSIZE, quant_type=quant_type)
-        packed.append(q.view(-1))
-        absmax.append(state.absmax.float())
-    return torch.stack(packed), torch.stack(absmax)
+@dataclass(frozen=True)
+class Bnb4bitFormat(WeightFormat):
+    """bitsandbytes 4-bit (`quant_type` "nf4" / "fp4"): each leading index (expert) of a dense `[..., N, K]` is
+    flattened, zero padded to a multiple of 64 values and quantized by `bitsandbytes.functional.quantize_4bit`:
+    data uint8 `[..., P/2]` (two codes per byte), scale fp32 absmax `[..., P/64]`, `P` = N*K rounded up to 64.
+    The flat storage does not determine (N, K): `PackedWeight` carries the dense shape."""
 
+    quant_type: str = "nf4"
 
-class Bnb4bitWeight:
-    """A 4-bit weight stack as the ops see it: `shape` is the dense `[E, N, K]`; `self[index]` (an expert id, or
-    an index tensor `[T, K]`) dequantizes only the selection to `dtype` -> `[N, K]` or `[T, K, N, K]`."""
+    def storage_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return (*shape[:-2], _padded(shape) // 2)
 
-    def __init__(self, packed: torch.Tensor, absmax: torch.Tensor, shape, quant_type: str, dtype: torch.dtype):
-        self.packed, self.absmax, self.quant_type, self.dtype = packed, absmax, quant_type, dtype
-        self.shape = torch.Size(shape)
+    def dense_shape(self, storage_shape: tuple[int, ...]) -> tuple[int, ...]:
+        raise ValueError(f"{self.key} stores each matrix flat and padded: pass the dense shape to PackedWeight")
 
-    def __getitem__(self, index) -> torch.Tensor:
-        packed, absmax = self.packed[index], self.absmax[index]
-        lead, padded = packed.shape[:-1], 2 * packed.shape[-1]
+    def scale_shape(self, shape: tuple[int, ...], halves: int = 1) -> tuple[int, ...]:
+        return (*shape[:-2], _padded(shape) // BLOCKSIZE)
+
+    def quantize(self, w, scale_dtype=torch.float32, halves=1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense `[..., N, K]` -> (packed uint8, fp32 absmax); one matrix at a time, so the fp32 working copy stays
+        one expert big. (bitsandbytes blocks ignore row halves: a block may span both.)"""
+        lead = w.shape[:-2]
+        packed, absmax = [], []
+        for matrix in w.detach().reshape(-1, *w.shape[-2:]):
+            row = nn.functional.pad(matrix.float().flatten(), (0, -matrix.numel() % BLOCKSIZE))
+            q, state = _lazy.module.functional.quantize_4bit(row, blocksize=BLOCKSIZE, quant_type=self.quant_type)
+            packed.append(q.view(-1))
+            absmax.append(state.absmax.float())
+        return torch.stack(packed).view(*lead, -1), torch.stack(absmax).view(*lead, -1)
+
+    def dequantize(self, data, scale, dtype=torch.float32, halves=1, matrix=None) -> torch.Tensor:
+        """`[..., P/2]` + `[..., P/64]` -> `[..., N, K]` in `dtype` (`matrix` = (N, K), required)."""
+        if matrix is None:
+            raise ValueError(f"{self.key}: dequantize needs the dense (N, K) of the flat storage")
+        lead, padded = data.shape[:-1], 2 * data.shape[-1]
         state = _lazy.module.functional.QuantState(
-            absmax=absmax.reshape(-1),
-            shape=torch.Size((packed.numel() * 2,)),
-            code=_lazy.module.functional.get_4bit_type(self.quant_type, device=packed.device),
+            absmax=scale.reshape(-1),
+            shape=torch.Size((data.numel() * 2,)),
+            code=_lazy.module.functional.get_4bit_type(self.quant_type, device=data.device),
             blocksize=BLOCKSIZE,
             quant_type=self.quant_type,
-            dtype=self.dtype,
+            dtype=dtype,
         )
-        dense = _lazy.module.functional.dequantize_4bit(packed.reshape(-1), state).view(*lead, padded)
-        return dense[..., : self.shape[-2] * self.shape[-1]].reshape(*lead, *self.shape[-2:])
+        dense = _lazy.module.functional.dequantize_4bit(data.reshape(-1), state).view(*lead, padded)
+        return dense[..., : matrix[0] * matrix[1]].reshape(*lead, *matrix)
 
-    def dequantize(self) -> torch.Tensor:
-        return self[:]
+    def describe(self) -> str:
+        return f"{self.quant_type} (bitsandbytes, blocks of {BLOCKSIZE})"
+
+
+def _padded(shape: tuple[int, ...]) -> int:
+    return -(-shape[-2] * shape[-1] // BLOCKSIZE) * BLOCKSIZE
+
+
+# bitsandbytes' two 4-bit types as weight formats (not in `weight_formats.FORMATS`: the official layout never
+# stores them, so `dsv4_quantization` does not name them)
+BNB_FORMATS = {
+    q: Bnb4bitFormat(f"bnb_{q}", torch.uint8, (1, BLOCKSIZE), per_element=2, quant_type=q) for q in ("nf4", "fp4")
+}
 
 
 class _Bnb4bitStorage(_KeepsStorageDtype, nn.Module):
-    """Holds `<name>` (packed uint8) + `<name>_absmax` (fp32) buffers; dtype casts leave them alone."""
+    """Holds `<name>` (packed uint8) + `<name>_absmax` (fp32) buffers in a `Bnb4bitFormat`; dtype casts leave them
+    alone."""
 
     def _store(self, name: str, w: torch.Tensor) -> None:
-        packed, absmax = _quantize_stack(w, self.quant_type)
+        packed, absmax = self.format.quantize(w)
         self.register_buffer(name, packed.to(w.device))
         self.register_buffer(name + "_absmax", absmax.to(w.device))
         self._shapes[name] = tuple(w.shape)
 
-    def weight_view(self, name: str, dtype: torch.dtype | None = None) -> Bnb4bitWeight:
-        dtype = dtype or self.compute_dtype
-        return Bnb4bitWeight(
-            getattr(self, name), getattr(self, name + "_absmax"), self._shapes[name], self.quant_type, dtype
-        )
+    @property
+    def quant_type(self) -> str:
+        return self.format.quant_type
+
+    def weight_view(self, name: str, dtype: torch.dtype | None = None) -> PackedWeight:
+        data, absmax = getattr(self, name), getattr(self, name + "_absmax")
+        return PackedWeight(data, absmax, self.format, dtype or self.compute_dtype, shape=self._shapes[name])
 
 
 class DeepseekV4Bnb4bitExperts(_Bnb4bitStorage):
@@ -185,15 +214,15 @@ class DeepseekV4Bnb4bitExperts(_Bnb4bitStorage):
     def __init__(self, experts: DeepseekV4Experts, quant_type: str, compute_dtype: torch.dtype):
         super().__init__()
         self.num_experts, self.limit, self.backend = experts.num_experts, experts.limit, experts.backend
-        self.act_quant = getattr(experts, "act_quant", False)
-        self.quant_type, self.compute_dtype, self._shapes = quant_type, compute_dtype, {}
+        carry_numerics(self, experts)
+        self.format, self.compute_dtype, self._shapes = BNB_FORMATS[quant_type], compute_dtype, {}
         self.dense_nbytes = experts.gate_up_proj.nbytes + experts.down_proj.nbytes
         self._store("gate_up_proj", experts.gate_up_proj)
         self._store("down_proj", experts.down_proj)
 
     forward = DeepseekV4Experts.forward  # with `compute_dtype` set, x is cast to it first
 
-    def expert_banks(self, dtype: torch.dtype) -> tuple[Bnb4bitWeight, Bnb4bitWeight]:
+    def expert_banks(self, dtype: torch.dtype) -> tuple[PackedWeight, PackedWeight]:
         return self.weight_view("gate_up_proj"), self.weight_view("down_proj")
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,7 +242,7 @@ class DeepseekV4Bnb4bitGroupedLinear(_Bnb4bitStorage):
     def __init__(self, linear: DeepseekV4GroupedLinear, quant_type: str, compute_dtype: torch.dtype):
         super().__init__()
         self.in_features, self.out_features, self.n_groups = linear.in_features, linear.out_features, linear.n_groups
-        self.quant_type, self.compute_dtype, self._shapes = quant_type, compute_dtype, {}
+        self.format, self.compute_dtype, self._shapes = BNB_FORMATS[quant_type], compute_dtype, {}
         self.dense_nbytes = linear.weight.nbytes
         self._store("weight", linear.weight.unsqueeze(0))
 
@@ -266,7 +295,7 @@ def dequantize_custom_weights(model: nn.Module, dtype: torch.dtype | str | None 
             if isinstance(child, DeepseekV4Bnb4bitExperts):
                 with torch.device("meta"):
                     dense = DeepseekV4Experts(model.config)
-                dense.backend, dense.act_quant = child.backend, child.act_quant
+                dense.backend = carry_numerics(dense, child).backend
                 gate_up, down = child.dequantized(dtype)
                 dense.gate_up_proj, dense.down_proj = nn.Parameter(gate_up), nn.Parameter(down)
             elif isinstance(child, DeepseekV4Bnb4bitGroupedLinear):
@@ -355,7 +384,8 @@ def apply_bnb_to_custom_weights(model: nn.Module, quantization_config) -> dict:
 
 
 __all__ = [
-    "Bnb4bitWeight",
+    "BNB_FORMATS",
+    "Bnb4bitFormat",
     "DeepseekV4Bnb4bitExperts",
     "DeepseekV4Bnb4bitGroupedLinear",
     "apply_bnb_to_custom_weights",

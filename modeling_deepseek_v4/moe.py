@@ -85,7 +85,7 @@ class DeepseekV4Experts(nn.Module):
         inter = config.moe_intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * inter, config.hidden_size))
         self.down_proj = nn.Parameter(torch.empty(self.num_experts, config.hidden_size, inter))
-        self.act_quant = False  # reference numerics R1 (FP8 round trip of x and h), see reference_numerics.py
+        self.reference_numerics = False  # R1: FP8 round trip of x and h in the expert loop (reference_numerics.py)
 
     compute_dtype: torch.dtype | None = None  # storage formats with a fixed compute dtype (bitsandbytes) set it
 
@@ -110,7 +110,7 @@ class DeepseekV4Experts(nn.Module):
             self.limit,
             backend=self.backend,
             static_shapes=static_shapes,
-            act_quant=self.act_quant,
+            act_quant=self.reference_numerics,
         )
 
 

@@ -233,7 +233,7 @@ _grouped_experts_views = _dispatch("grouped_experts")
 
 
 def grouped_experts(x, gate_up_proj, down_proj, *args, backend: str | None = None, **kwargs):
-    """Routed experts: the custom op when both banks are tensors; weight views (`QuantizedWeight`, QAT and bnb
+    """Routed experts: the custom op when both banks are tensors; weight views (`PackedWeight` of any format, QAT
     banks, which dequantize what is indexed) keep plain dispatch. See ``ops_reference.grouped_experts``."""
     if isinstance(gate_up_proj, torch.Tensor) and isinstance(down_proj, torch.Tensor):
         return _grouped_experts_custom(x, gate_up_proj, down_proj, *args, backend=backend, **kwargs)

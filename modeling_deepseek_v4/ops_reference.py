@@ -362,7 +362,7 @@ def grouped_experts(
     act_quant: FP8 round trip (1x128, pow2 scales) of x and of h before each expert matmul, as the official FP4 /
         FP8 expert GEMMs (reference numerics R1, forward-math.md §9).
     Returns: `[T, d]` fp32. The weights are read at call time (PEFT parametrizations and quantized modules
-    swap what these tensors are): dense tensors, or `QuantizedWeight` views that dequantize what is indexed.
+    swap what these tensors are): dense tensors, or `PackedWeight` values that dequantize what is indexed.
     """
     t, k = topk_idx.shape
     cast = fp8_act_roundtrip if act_quant else _identity

@@ -184,7 +184,7 @@ class DeepseekV4QuantizedExperts(_KeepsStorageDtype, nn.Module):
         self.num_experts = config.n_routed_experts
         self.limit = config.swiglu_limit
         self.backend = config.ops_backend
-        self.act_quant = False
+        self.reference_numerics = False  # R1 inside the expert loop (reference_numerics.py)
         e, inter, d = config.n_routed_experts, config.moe_intermediate_size, config.hidden_size
         for name, rows, cols in (("gate_up_proj", 2 * inter, d), ("down_proj", d, inter)):
             data = torch.empty(self.format.storage_shape((e, rows, cols)), dtype=self.format.storage_dtype)

@@ -63,6 +63,14 @@ def _r1_pre_hook(module: nn.Module, args: tuple) -> tuple:
     return (fp8_act_roundtrip(args[0]), *args[1:])
 
 
+def carry_numerics(new: nn.Module, old: nn.Module) -> nn.Module:
+    """Give a module swapped in for `old` (quantized, QAT, bitsandbytes, dense again) `old`'s numerics switch; the
+    one attribute every module with reference numerics carries. Returns `new`."""
+    if hasattr(old, "reference_numerics"):
+        new.reference_numerics = old.reference_numerics
+    return new
+
+
 def set_reference_numerics(model: nn.Module, enabled: bool = True) -> nn.Module:
     """Turn reference numerics R1-R4 on or off for every layer of `model` (idempotent); records it in the config."""
     for module in model.modules():
@@ -71,9 +79,8 @@ def set_reference_numerics(model: nn.Module, enabled: bool = True) -> nn.Module:
             handle.remove()
     for module in model.modules():
         if hasattr(module, "reference_numerics"):
-            module.reference_numerics = enabled  # attention (R2), compressors (R2 / R3), indexer (R3 / R4)
-        if hasattr(module, "act_quant"):
-            module.act_quant = enabled  # routed experts (R1 inside the expert loop)
+            # attention (R2), compressors (R2 / R3), indexer (R3 / R4), routed experts of every storage (R1)
+            module.reference_numerics = enabled
     for name, module in model.named_modules() if enabled else ():
         if _is_r1_linear(name) and _HOOK not in module.__dict__:
             module.__dict__[_HOOK] = module.register_forward_pre_hook(_r1_pre_hook)

@@ -71,9 +71,15 @@ class WeightFormat:
         return quantize_fp8_blocks(w.float(), block=self.block, scale_dtype=scale_dtype)
 
     def dequantize(
-        self, data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32, halves: int = 1
+        self,
+        data: torch.Tensor,
+        scale: torch.Tensor,
+        dtype: torch.dtype = torch.float32,
+        halves: int = 1,
+        matrix: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        """(data, scale) -> dense `[..., N, K]` in `dtype`, exactly (each half blocked on its own)."""
+        """(data, scale) -> dense `[..., N, K]` in `dtype`, exactly (each half blocked on its own). `matrix`: the
+        dense (N, K), for formats whose storage does not determine it (flat padded storage); ignored here."""
         # halves whose rows are whole blocks share the whole tensor's block grid: no split, no concatenation
         if halves > 1 and (data.shape[-2] // halves) % self.block[0]:
             parts = zip(data.chunk(halves, dim=-2), scale.chunk(halves, dim=-2))
@@ -125,15 +131,16 @@ class PackedWeight:
     `shape` is the dense shape; indexing the leading dims dequantizes only the selection (one expert, or the experts
     gathered for a few tokens). `halves=2` marks a fused gate/up bank whose two row halves were blocked apart."""
 
-    def __init__(self, data: torch.Tensor, scale: torch.Tensor, fmt: WeightFormat, dtype: torch.dtype, halves=1):
+    def __init__(self, data, scale, fmt: WeightFormat, dtype: torch.dtype, halves: int = 1, shape=None):
         self.data, self.scale, self.format, self.dtype, self.halves = data, scale, fmt, dtype, halves
-        self.shape = torch.Size(fmt.dense_shape(tuple(data.shape)))
+        # `shape`: the dense shape, for formats whose storage does not determine it (bitsandbytes' flat blocks)
+        self.shape = torch.Size(shape if shape is not None else fmt.dense_shape(tuple(data.shape)))
 
     def __getitem__(self, index) -> torch.Tensor:
-        return self.format.dequantize(self.data[index], self.scale[index], self.dtype, self.halves)
+        return self.format.dequantize(self.data[index], self.scale[index], self.dtype, self.halves, self.shape[-2:])
 
     def dequantize(self) -> torch.Tensor:
-        return self.format.dequantize(self.data, self.scale, self.dtype, self.halves)
+        return self[...]
 
 
 # Linears the official checkpoints store in FP8, as module paths inside a decoder layer / MTP block (attention,

@@ -20,6 +20,7 @@ from torch import nn
 from modeling_deepseek_v4.attention import DeepseekV4GroupedLinear
 from modeling_deepseek_v4.moe import DeepseekV4Experts
 from modeling_deepseek_v4.quantized_modules import QuantizationLayout, iter_fp8_targets
+from modeling_deepseek_v4.reference_numerics import carry_numerics
 from modeling_deepseek_v4.weight_formats import FP8, grouped_linear, weight_format
 
 from .quantize import _config_of, _expert_owners, _refresh_numerics, quantize_model
@@ -67,7 +68,6 @@ class DeepseekV4QATExperts(DeepseekV4Experts):
     def __init__(self, config, fmt: str = "fp4"):
         super().__init__(config)
         self.fmt = fmt
-        self.act_quant = False
 
     def expert_banks(self, dtype: torch.dtype) -> tuple[FakeQuantWeight, FakeQuantWeight]:
         # `self.gate_up_proj` is read here, at call time: a PEFT parametrization (LoRA on the experts) is fake-
@@ -99,9 +99,7 @@ def _move(new: nn.Module, old: nn.Module, names: tuple[str, ...], dtype: torch.d
         p = getattr(old, name)
         value = p.detach().float() if dtype is None else p.detach().to(dtype)
         setattr(new, name, nn.Parameter(value, requires_grad=p.requires_grad))
-    if hasattr(old, "act_quant"):
-        new.act_quant = old.act_quant
-    return new
+    return carry_numerics(new, old)
 
 
 def _linear_like(old: nn.Module, linear_cls: type, grouped_cls: type) -> nn.Module:

@@ -22,7 +22,7 @@ from modeling_deepseek_v4.quantized_modules import (
     empty_fp8_like,
     iter_fp8_targets,
 )
-from modeling_deepseek_v4.reference_numerics import set_reference_numerics
+from modeling_deepseek_v4.reference_numerics import carry_numerics, set_reference_numerics
 from modeling_deepseek_v4.weight_formats import FORMATS
 
 QUANTIZED_TYPES = (DeepseekV4Fp8Linear, DeepseekV4Fp8GroupedLinear, DeepseekV4QuantizedExperts)
@@ -85,7 +85,7 @@ def quantize_model(
             if type(old) is not DeepseekV4Experts:
                 raise TypeError(f"cannot quantize {type(old).__name__}: expected dense DeepseekV4Experts")
             new = DeepseekV4QuantizedExperts(config, experts, sdtype).to(old.gate_up_proj.device)
-            new.act_quant = getattr(old, "act_quant", False)
+            carry_numerics(new, old)
             new.load_dense(old.gate_up_proj, old.down_proj)
             owner.experts = new
     config.dsv4_quantization = layout.to_dict()
@@ -109,7 +109,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
             elif isinstance(child, DeepseekV4QuantizedExperts):
                 new = DeepseekV4Experts(config)
                 new.gate_up_proj.data, new.down_proj.data = child.dequantized(dtype)
-                new.act_quant = child.act_quant
+                carry_numerics(new, child)
             else:
                 continue
             setattr(owner, attr, new)

@@ -113,7 +113,7 @@ def test_backward_recomputes_under_the_forward_autocast(op, variant):
 
 
 class _View:
-    """A stand-in for `QuantizedWeight`: indexing returns the selected experts."""
+    """A stand-in for `PackedWeight`: indexing returns the selected experts."""
 
     def __init__(self, weight):
         self.weight, self.shape = weight, weight.shape

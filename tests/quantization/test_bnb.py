@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from modeling_deepseek_v4 import bnb_quant
 from modeling_deepseek_v4.attention import DeepseekV4GroupedLinear
 from modeling_deepseek_v4.bnb_quant import (
-    Bnb4bitWeight,
+    BNB_FORMATS,
     DeepseekV4Bnb4bitExperts,
     DeepseekV4Bnb4bitGroupedLinear,
     apply_bnb_to_custom_weights,
@@ -29,6 +29,7 @@ from modeling_deepseek_v4.bnb_quant import (
     with_dense_modules,
 )
 from modeling_deepseek_v4.moe import DeepseekV4Experts
+from modeling_deepseek_v4.weight_formats import PackedWeight
 from tests.conftest import tiny_config, tiny_model
 
 BNB_OK, BNB_REASON = bnb_4bit_available()
@@ -205,8 +206,13 @@ def test_expert_views_dequantize_only_the_selection():
         torch.testing.assert_close(bank(x, indices, weights, static_shapes=static), want, atol=1e-5, rtol=1e-5)
     # a matrix whose size is not a multiple of the block: zero padded per expert, never straddling experts
     w = torch.randn(3, 5, 7)
-    odd = Bnb4bitWeight(*bnb_quant._quantize_stack(w, "fp4"), w.shape, "fp4", torch.float32)
+    fmt = BNB_FORMATS["fp4"]
+    data, absmax = fmt.quantize(w)
+    assert data.shape == fmt.storage_shape(w.shape) and absmax.shape == fmt.scale_shape(w.shape)
+    odd = PackedWeight(data, absmax, fmt, torch.float32, shape=w.shape)
     assert odd.dequantize().shape == w.shape and (odd.dequantize() - w).norm() / w.norm() < 0.2
+    with pytest.raises(ValueError, match="pass the dense shape"):
+        PackedWeight(data, absmax, fmt, torch.float32)
 
 
 @needs_bnb

@@ -139,7 +139,7 @@ def test_peft_lora_on_top_of_qat_then_merge_and_convert(tmp_path):
 
 def test_qat_with_reference_numerics_and_errors():
     model = set_reference_numerics(prepare_fp4_qat(tiny_model()), True)
-    assert all(m.mlp.experts.act_quant for m in model.model.layers)
+    assert all(m.mlp.experts.reference_numerics for m in model.model.layers)
     ids = torch.randint(0, 97, (1, 20))
     expected = logits(model, ids)
     assert torch.equal(logits(convert_qat(model), ids), expected)
