@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from modeling_deepseek_v4.fp4_transcode import fp4_to_fp8_blocks
 from modeling_deepseek_v4.official_layout import COPIED_FILES
 from modeling_deepseek_v4.official_names import (
     is_f32_official,
@@ -31,7 +32,6 @@ from modeling_deepseek_v4.quant_formats import (
     FP8_BLOCK,
     e8m0_to_float,
     float_to_fp4_codes,
-    fp4_to_fp8_blocks,
     pack_fp4,
 )
 from modeling_deepseek_v4.weight_formats import FP4, FP8, WeightFormat

@@ -3,7 +3,7 @@ FP4 tensor cores). Official folder in, official folder out; every other tensor i
 
 Per 128x128 block the new scale is 2^(e_max - 6) and each FP4 value is re-encoded exactly when the block's
 sub-scale exponents span at most 14 (official-format.md §9). Unlike `convert.py`, blocks that would round are never
-silently rounded: the conversion stops and names the tensor and the blocks (`quant_formats.fp4_to_fp8_blocks`).
+silently rounded: the conversion stops and names the tensor and the blocks (`fp4_transcode.fp4_to_fp8_blocks`).
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from modeling_deepseek_v4.fp4_transcode import fp4_to_fp8_blocks
 from modeling_deepseek_v4.official_layout import COPIED_FILES
-from modeling_deepseek_v4.quant_formats import fp4_to_fp8_blocks
 
 from .checkpoint import (
     ConversionError,

@@ -1,5 +1,5 @@
-"""DeepSeek-V4 model wiring: decoder layer, base model, causal LM and the MTP block (tech report §2;
-official `inference/model.py`, `Block` / `Transformer` / `MTPBlock`).
+"""DeepSeek-V4 model wiring: base model, causal LM and the MTP head (tech report §2; official
+`inference/model.py`, `Transformer`; the decoder and MTP blocks are in `decoder_layer.py`).
 
 Only wiring lives here; the maths is in `ops_reference.py` behind `ops.py`. Deviations from transformers' native
 `deepseek_v4` (forward-math.md §10): padding-aware batches (row 15: pads never enter windows, the indexer or
@@ -21,17 +21,17 @@ from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
-from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import can_return_tuple, logging
 
 from .attention import DeepseekV4Attention, DeepseekV4GroupedLinear
 from .batch_meta import BatchMeta
-from .cache import DeepseekV4Cache, DeepseekV4LayerCache
+from .cache import DeepseekV4Cache
 from .compat import cache_kwargs, pick_cache, with_cache_aliases
 from .compressor import DeepseekV4HCACompressor
 from .configuration_deepseek_v4 import DeepseekV4ExtConfig
+from .decoder_layer import DeepseekV4DecoderLayer, DeepseekV4MTPLayer
 from .dspark import DeepseekV4DSparkDrafter
 from .generation_hooks import DeepseekV4GenerationHooks
 from .hyper_connection import DeepseekV4HyperConnection, DeepseekV4HyperHead
@@ -40,7 +40,6 @@ from .model_inputs import check_inputs, refuse_packed_rows, rows_gather, valid_t
 from .moe import (
     DeepseekV4Experts,
     DeepseekV4HashRouter,
-    DeepseekV4SparseMoeBlock,
     DeepseekV4TopKRouter,
     default_tid2eid,
 )
@@ -52,70 +51,6 @@ from .rope import RopeTables
 from .static_cache import DeepseekV4StaticCache
 
 logger = logging.get_logger(__name__)
-
-
-class DeepseekV4DecoderLayer(GradientCheckpointingLayer):
-    """Attention and MoE sub-layers, each wrapped in its own mHC (`attn_hc`, `ffn_hc`). Streams `[B, S, n, d]`."""
-
-    def __init__(self, config: DeepseekV4ExtConfig, layer_idx: int):
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.self_attn = DeepseekV4Attention(config, layer_idx)
-        self.mlp = DeepseekV4SparseMoeBlock(config, layer_idx)
-        self.input_layernorm = DeepseekV4RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = DeepseekV4RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.attn_hc = DeepseekV4HyperConnection(config)
-        self.ffn_hc = DeepseekV4HyperConnection(config)
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        meta: BatchMeta | None = None,
-        input_ids: torch.Tensor | None = None,
-        layer_cache: DeepseekV4LayerCache | None = None,
-        **kwargs,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        collapsed, post, comb = self.attn_hc(hidden_states)
-        attn_out = self.self_attn(self.input_layernorm(collapsed), meta, layer_cache)
-        hidden_states = self.attn_hc.expand(attn_out, hidden_states, post, comb)
-        collapsed, post, comb = self.ffn_hc(hidden_states)
-        static = meta is not None and meta.static
-        mlp_out, router = self.mlp(self.post_attention_layernorm(collapsed), input_ids, static)
-        return self.ffn_hc.expand(mlp_out, hidden_states, post, comb), router
-
-
-class DeepseekV4MTPLayer(DeepseekV4DecoderLayer):
-    """Multi-token-prediction block (`mtp.0.*`, forward-math.md §7): a decoder layer (index n_layers, sliding only,
-    score-routed) fed `e_proj(enorm(embed(next ids))) + h_proj(hnorm(main streams))`, with its own `hc_head` and
-    `norm`; embedding and LM head are shared with the main model."""
-
-    def __init__(self, config: DeepseekV4ExtConfig, layer_idx: int):
-        super().__init__(config, layer_idx)
-        d = config.hidden_size
-        self.enorm = DeepseekV4RMSNorm(d, eps=config.rms_norm_eps)
-        self.hnorm = DeepseekV4RMSNorm(d, eps=config.rms_norm_eps)
-        self.e_proj = nn.Linear(d, d, bias=False)
-        self.h_proj = nn.Linear(d, d, bias=False)
-        self.norm = DeepseekV4RMSNorm(d, eps=config.rms_norm_eps)
-        self.hc_head = DeepseekV4HyperHead(config)
-
-    def forward(
-        self,
-        streams: torch.Tensor,
-        next_embeds: torch.Tensor,
-        meta: BatchMeta,
-        next_ids: torch.Tensor | None = None,
-        layer_cache: DeepseekV4LayerCache | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """streams `[B, S, n, d]` (main model, before `hc_head`), next_embeds `[B, S, d]` -> (hidden `[B, S, d]`,
-        streams `[B, S, n, d]`). `layer_cache`: the block's own window cache (MTP speculation).
-
-        The whole block is this `forward`, not a method around the decoder layer's: hooks that wrap a block's
-        `forward` (accelerate's offload and device placement, FSDP units) then cover its norms and projections too.
-        """
-        x = self.h_proj(self.hnorm(streams)) + self.e_proj(self.enorm(next_embeds)).unsqueeze(2)
-        x, _ = super().forward(x, meta=meta, input_ids=next_ids, layer_cache=layer_cache)
-        return self.norm(self.hc_head(x)), x
 
 
 @with_cache_aliases

@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from modeling_deepseek_v4 import DeepseekV4ExtConfig, DeepseekV4ExtForCausalLM
-from modeling_deepseek_v4.quant_formats import fp4_to_fp8_blocks
+from modeling_deepseek_v4.fp4_transcode import fp4_to_fp8_blocks
 from tests.conftest import tiny_config
 from tests.conversion.official_synth import (
     INDEX_NAME,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from modeling_deepseek_v4.fp4_transcode import fp4_to_fp8_blocks
 from modeling_deepseek_v4.quant_formats import (
     FP4_VALUES,
     dequantize_fp4,
@@ -14,7 +15,6 @@ from modeling_deepseek_v4.quant_formats import (
     float_to_fp4_codes,
     fp4_act_roundtrip,
     fp4_codes_to_float,
-    fp4_to_fp8_blocks,
     fp8_act_roundtrip,
     pack_fp4,
     pow2_scale,
