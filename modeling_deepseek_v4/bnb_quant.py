@@ -222,6 +222,11 @@ class DeepseekV4Bnb4bitExperts(_Bnb4bitStorage):
 
     forward = DeepseekV4Experts.forward  # with `compute_dtype` set, x is cast to it first
 
+    @property
+    def qweight(self) -> torch.Tensor:
+        """The packed gate/up bank: PEFT reads `qweight` for the device of a quantized layer it wraps."""
+        return self.gate_up_proj
+
     def expert_banks(self, dtype: torch.dtype) -> tuple[PackedWeight, PackedWeight]:
         return self.weight_view("gate_up_proj"), self.weight_view("down_proj")
 

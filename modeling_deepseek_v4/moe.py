@@ -95,9 +95,15 @@ class DeepseekV4Experts(nn.Module):
         return self.gate_up_proj, self.down_proj
 
     def forward(
-        self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, static_shapes: bool = False
+        self,
+        x: torch.Tensor,
+        indices: torch.Tensor,
+        weights: torch.Tensor,
+        static_shapes: bool = False,
+        lora: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """x `[T, d]`, indices/weights `[T, K]` -> `[T, d]` fp32."""
+        """x `[T, d]`, indices/weights `[T, K]` -> `[T, d]` fp32. `lora`: grouped LoRA factors (`lora_a13`,
+        `lora_b13`, `lora_a2`, `lora_b2`, see `ops_reference.grouped_experts`), passed by `expert_lora.py`."""
         if self.compute_dtype is not None:
             x = x.to(self.compute_dtype)
         gate_up, down = self.expert_banks(x.dtype)
@@ -111,6 +117,7 @@ class DeepseekV4Experts(nn.Module):
             backend=self.backend,
             static_shapes=static_shapes,
             act_quant=self.reference_numerics,
+            **(lora or {}),
         )
 
 

@@ -74,7 +74,7 @@ def _sparse_attention_fake(q, window_kv, start, window, sinks, scale, compressed
 
 
 def _grouped_experts_fake(x, gate_up_proj, down_proj, topk_idx, topk_weights, swiglu_limit, static_shapes=False,
-                          act_quant=False):  # fmt: skip
+                          act_quant=False, lora_a13=None, lora_b13=None, lora_a2=None, lora_b2=None):  # fmt: skip
     return x.new_empty(x.shape, dtype=_acc(x.dtype))
 
 
@@ -119,7 +119,8 @@ SPECS = {
     ),
     "grouped_experts": OpSpec(
         "Tensor x, Tensor gate_up_proj, Tensor down_proj, Tensor topk_idx, Tensor topk_weights, float swiglu_limit, "
-        "bool static_shapes=False, bool act_quant=False",
+        "bool static_shapes=False, bool act_quant=False, Tensor? lora_a13=None, Tensor? lora_b13=None, "
+        "Tensor? lora_a2=None, Tensor? lora_b2=None",
         "Tensor",
         _grouped_experts_fake,
     ),

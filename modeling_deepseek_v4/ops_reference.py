@@ -353,6 +353,10 @@ def grouped_experts(
     swiglu_limit: float,
     static_shapes: bool = False,
     act_quant: bool = False,
+    lora_a13: torch.Tensor | None = None,
+    lora_b13: torch.Tensor | None = None,
+    lora_a2: torch.Tensor | None = None,
+    lora_b2: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Routed experts (forward-math.md §6): `y_t = sum_k w_tk * W2_e(swiglu(W13_e x_t))`, accumulated in fp32.
 
@@ -361,33 +365,63 @@ def grouped_experts(
         topk_idx: `[T, K]` expert ids; topk_weights: `[T, K]` routing weights (applied to h before W2).
     act_quant: FP8 round trip (1x128, pow2 scales) of x and of h before each expert matmul, as the official FP4 /
         FP8 expert GEMMs (reference numerics R1, forward-math.md §9).
+    lora_a13 `[E or 1, r, d]` + lora_b13 `[E or 1, 2I, r]` (scaling folded into B), lora_a2 `[E or 1, r', I]` +
+        lora_b2 `[E or 1, d, r']`: grouped expert LoRA (`expert_lora.py`), `W x + B (A x)` per expert for the rows
+        routed to it (a leading 1: A / B shared by all experts); never a `[E, out, in]` delta. Computed in A's dtype.
     Returns: `[T, d]` fp32. The weights are read at call time (PEFT parametrizations and quantized modules
     swap what these tensors are): dense tensors, or `PackedWeight` values that dequantize what is indexed.
     """
     t, k = topk_idx.shape
     cast = fp8_act_roundtrip if act_quant else _identity
     x = cast(x)
+    lora13, lora2 = _LoraPair(lora_a13, lora_b13), _LoraPair(lora_a2, lora_b2)
     if static_shapes:
         # Gather each token's experts (decode: a few tokens): no data-dependent loop, compiles in one graph.
-        h = _swiglu(torch.einsum("td,tkod->tko", x, gate_up_proj[topk_idx]), swiglu_limit)
-        h = cast((h * _up(topk_weights).unsqueeze(-1)).to(x.dtype))
-        return _up(torch.einsum("tki,tkdi->tkd", h, down_proj[topk_idx])).sum(dim=1)
+        gu = lora13.add_gathered(torch.einsum("td,tkod->tko", x, gate_up_proj[topk_idx]), x, topk_idx)
+        h = cast((_swiglu(gu, swiglu_limit) * _up(topk_weights).unsqueeze(-1)).to(x.dtype))
+        y = lora2.add_gathered(torch.einsum("tki,tkdi->tkd", h, down_proj[topk_idx]), h, topk_idx)
+        return _up(y).sum(dim=1)
     out = torch.zeros(t, x.shape[-1], dtype=_acc_dtype(x), device=x.device)
     flat_idx = topk_idx.reshape(-1)
     order = torch.argsort(flat_idx, stable=True)
-    counts = torch.bincount(flat_idx, minlength=gate_up_proj.shape[0]).tolist()
+    counts = torch.bincount(flat_idx, minlength=gate_up_proj.shape[0])
+    starts = (torch.cumsum(counts, 0) - counts).tolist()
     token_of = order // k
     weight_of = topk_weights.reshape(-1)[order]
-    offset = 0
-    for expert, count in enumerate(counts):
-        if count == 0:
-            continue
-        rows = token_of[offset : offset + count]
-        h = _swiglu(F.linear(x[rows], gate_up_proj[expert]), swiglu_limit)
-        h = cast((h * _up(weight_of[offset : offset + count, None])).to(x.dtype))
-        out.index_add_(0, rows, _up(F.linear(h, down_proj[expert])))
-        offset += count
+    used = torch.nonzero(counts).flatten().tolist()  # only experts that received tokens
+    for expert, count in zip(used, counts[used].tolist()):
+        span = slice(starts[expert], starts[expert] + count)
+        rows = token_of[span]
+        xe = x[rows]
+        h = _swiglu(lora13.add(F.linear(xe, gate_up_proj[expert]), xe, expert), swiglu_limit)
+        h = cast((h * _up(weight_of[span, None])).to(x.dtype))
+        out.index_add_(0, rows, _up(lora2.add(F.linear(h, down_proj[expert]), h, expert)))
     return out
+
+
+class _LoraPair:
+    """Grouped LoRA factors A `[E or 1, r, in]`, B `[E or 1, out, r]` (scaling folded into B), or none."""
+
+    def __init__(self, a: torch.Tensor | None, b: torch.Tensor | None):
+        if (a is None) != (b is None):
+            raise ValueError("grouped_experts: LoRA A and B come together (got one without the other)")
+        self.a, self.b = a, b
+
+    def add(self, y: torch.Tensor, x: torch.Tensor, expert: int) -> torch.Tensor:
+        """y `[n, out]` + B_e (A_e x) for the rows x `[n, in]` of one expert, in y's dtype."""
+        if self.a is None:
+            return y
+        e = expert if self.a.shape[0] > 1 else 0
+        return y + F.linear(F.linear(x.to(self.a.dtype), self.a[e]), self.b[e]).to(y.dtype)
+
+    def add_gathered(self, y: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """y `[T, K, out]` + per (token, slot) expert's B (A x); x `[T, in]` or `[T, K, in]`, idx `[T, K]`."""
+        if self.a is None:
+            return y
+        idx = idx if self.a.shape[0] > 1 else torch.zeros_like(idx)
+        x = x.to(self.a.dtype)
+        low = torch.einsum("td,tkrd->tkr" if x.dim() == 2 else "tkd,tkrd->tkr", x, self.a[idx])
+        return y + torch.einsum("tkr,tkor->tko", low, self.b[idx]).to(y.dtype)
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:

@@ -196,6 +196,12 @@ class DeepseekV4QuantizedExperts(_KeepsStorageDtype, nn.Module):
     def fmt(self) -> str:
         return self.format.key
 
+    @property
+    def qweight(self) -> torch.Tensor:
+        """The stored gate/up bank: PEFT reads `qweight` for the device of a quantized layer it wraps (these
+        modules have buffers, no parameters)."""
+        return self.gate_up_proj
+
     def expert_banks(self, dtype: torch.dtype) -> tuple[PackedWeight, PackedWeight]:
         """`PackedWeight` values of `gate_up_proj` and `down_proj`, dequantizing in `dtype` what is indexed."""
         return tuple(

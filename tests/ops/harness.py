@@ -197,9 +197,15 @@ def _grouped_experts(variant: str, dtype, g):
     idx = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
     weights = torch.rand(t, k, generator=g) + 0.1
     args = (x, gate_up, down, idx, weights, 1.0)
-    return Case(
-        variant, args, {"static_shapes": variant == "static"}, ("x", "gate_up_proj", "down_proj", "topk_weights")
-    )
+    kwargs, grad = {"static_shapes": variant.startswith("static")}, ("x", "gate_up_proj", "down_proj", "topk_weights")
+    if variant.endswith("lora"):  # grouped expert LoRA: per-expert gate/up factors, shared down factors
+        r = 3
+        kwargs.update(
+            lora_a13=_randn(g, e, r, d), lora_b13=_randn(g, e, 2 * inter, r), lora_a2=_randn(g, 1, r, inter),
+            lora_b2=_randn(g, 1, d, r),
+        )  # fmt: skip
+        grad += ("lora_a13", "lora_b13", "lora_a2", "lora_b2")
+    return Case(variant, args, kwargs, grad)
 
 
 # op -> (builder, variants, dtypes it supports)
@@ -211,7 +217,11 @@ CASES: dict[str, tuple[Callable, tuple[str, ...], tuple[torch.dtype, ...]]] = {
     "compress_pool": (_compress_pool, ("hca", "csa"), (torch.float32,)),
     "indexer_topk": (_indexer_topk, ("dynamic", "static", "rounded"), (torch.float32, torch.bfloat16)),
     "sparse_attention": (_sparse_attention, ("window", "hca", "hca_static", "csa"), (torch.float32, torch.bfloat16)),
-    "grouped_experts": (_grouped_experts, ("dynamic", "static"), (torch.float32, torch.bfloat16)),
+    "grouped_experts": (
+        _grouped_experts,
+        ("dynamic", "static", "dynamic_lora", "static_lora"),
+        (torch.float32, torch.bfloat16),
+    ),
 }
 
 

@@ -1,0 +1,346 @@
+"""Grouped LoRA for the routed experts and the grouped output projection `o_a_proj`, as PEFT custom LoRA layers
+(issue #14; PEFT's custom-model mechanism `LoraConfig._register_custom_module`; docs/hf-integration.md §8).
+
+PEFT's `target_parameters` LoRA on a 3-D expert bank adds a full `[E, out, in]` delta to the weight on every forward
+and cannot reach quantized banks. Here each expert e computes `W_e x + s * B_e (A_e x)` for the rows routed to it,
+inside the experts op's own loop (`ops_reference.grouped_experts`, `lora_*` arguments): no delta is ever formed, the
+base bank stays in its storage (dense, FP8, packed FP4, bitsandbytes NF4 / FP4, QAT) and is read as the forward
+reads it. Factors, per adapter:
+- experts: `lora_A.<adapter>.gate_up_proj [E, r, d]`, `lora_A.<adapter>.down_proj [E, r_down, I]`,
+  `lora_B.<adapter>.gate_up_proj [E, 2I, r]`, `lora_B.<adapter>.down_proj [E, d, r_down]`;
+- `o_a_proj`: `lora_A.<adapter>.weight [g, r, H * D / g]`, `lora_B.<adapter>.weight [g, d_g, r]` (one pair per group,
+  so groups never mix).
+Ranks: `LoraConfig.r`, or per projection with `rank_pattern={"experts.down_proj": 8}` (a key no module name
+matches, so PEFT itself ignores it; it is saved with the adapter).
+
+Merging: dense banks add `s * B_e A_e` in place (exact inverse on unmerge up to rounding). Quantized banks are
+dequantized, merged and re-quantized with the format's official rules; `merge_report` says how many blocks changed
+and unmerge restores the saved quantized bytes exactly. `densify_lora_bases(model, dtype)` first turns quantized
+bases into dense ones, to merge in bf16 instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from .attention import DeepseekV4GroupedLinear
+from .bnb_quant import DeepseekV4Bnb4bitExperts, DeepseekV4Bnb4bitGroupedLinear
+from .moe import DeepseekV4Experts
+from .quantized_modules import DeepseekV4Fp8GroupedLinear, DeepseekV4QuantizedExperts
+from .reference_numerics import carry_numerics
+
+try:  # optional dependency
+    from peft import LoraConfig, PeftModel
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.tuners_utils import check_adapters_to_merge
+except ImportError:
+    LoraConfig = PeftModel = check_adapters_to_merge = None
+    LoraLayer = object
+
+logger = logging.getLogger(__name__)
+
+
+def _require_peft() -> None:
+    if LoraConfig is None:
+        raise ImportError("Grouped expert LoRA needs PEFT: `pip install peft`.")
+
+
+class LoraFactors(nn.Module):
+    """One adapter's A (or B) factors: one parameter per projection, named like the base tensor."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], device=None):
+        super().__init__()
+        for name, shape in shapes.items():
+            self.register_parameter(name, nn.Parameter(torch.zeros(shape, device=device)))
+
+
+def _rank(config, projection: str, default: int) -> int:
+    """`rank_pattern["experts.<projection>"]` (or any key ending with it), else the module's rank."""
+    for key, value in (config.rank_pattern or {}).items():
+        if key == projection or key.endswith("." + projection):
+            return value
+    return default
+
+
+def _check_config(config, layer: str) -> None:
+    for field, bad in (("lora_dropout", config.lora_dropout), ("lora_bias", config.lora_bias)):
+        if bad:
+            raise ValueError(f"{layer}: `{field}` is not supported by the grouped LoRA layers; leave it unset")
+    if config.use_dora:
+        raise ValueError(f"{layer}: DoRA is not supported by the grouped LoRA layers; set use_dora=False")
+
+
+class _GroupedLoraLayer(nn.Module, LoraLayer):
+    """Shared PEFT plumbing: factors per adapter, init, merge / unmerge bookkeeping. Subclasses give the shapes
+    (`_shapes`), the forward, and the delta of each base tensor (`_delta`)."""
+
+    base_names: tuple[str, ...] = ()  # the base tensors a merge changes
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config=None, r: int = 0, lora_alpha: int = 1, **kw):
+        _require_peft()
+        super().__init__()
+        LoraLayer.__init__(self, base_layer)
+        self.projection_scaling: dict[str, dict[str, float]] = {}
+        self.merge_report: dict[str, int] = {}
+        self._quantized_backup: dict[str, torch.Tensor] | None = None
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
+
+    def _get_in_out_features(self, module: nn.Module):
+        return None, None  # several projections: shapes come from `_shapes`
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config, **kwargs) -> None:
+        _check_config(config, type(self).__name__)
+        if r <= 0:
+            raise ValueError(f"`r` should be a positive integer, got {r}")
+        shapes_a, shapes_b, ranks = self._shapes(config, r)
+        device = next(iter(self.get_base_layer().buffers()), None)
+        device = next(self.get_base_layer().parameters(), device)
+        device = device.device if device is not None else None
+        self.r[adapter_name], self.lora_alpha[adapter_name] = r, lora_alpha
+        scale = (lambda rank: lora_alpha / math.sqrt(rank)) if config.use_rslora else (lambda rank: lora_alpha / rank)
+        self.scaling[adapter_name] = scale(r)
+        self.projection_scaling[adapter_name] = {name: scale(rank) for name, rank in ranks.items()}
+        self.use_rslora[adapter_name], self.use_dora[adapter_name] = config.use_rslora, False
+        self.lora_bias[adapter_name] = False
+        self.lora_dropout[adapter_name] = nn.Identity()
+        self.lora_A[adapter_name] = LoraFactors(shapes_a, device)
+        self.lora_B[adapter_name] = LoraFactors(shapes_b, device)
+        self._init_factors(adapter_name, config.init_lora_weights)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    @torch.no_grad()
+    def _init_factors(self, adapter_name: str, init) -> None:
+        """PEFT's rules per (expert, projection) matrix: A Kaiming-uniform (True) or N(0, 1/r) ("gaussian"), B zero;
+        `init_lora_weights=False` randomizes B too (tests)."""
+        for a, b in zip(self.lora_A[adapter_name].parameters(), self.lora_B[adapter_name].parameters()):
+            rank, fan_in = a.shape[-2], a.shape[-1]
+            if init == "gaussian":
+                a.normal_(0.0, 1.0 / rank)
+            elif init in (True, False):
+                bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform_(a=sqrt(5)) of an [r, fan_in] weight
+                a.uniform_(-bound, bound)
+            else:
+                raise ValueError(f"{type(self).__name__}: init_lora_weights={init!r} is not supported")
+            if init is False:
+                b.uniform_(-1.0 / math.sqrt(rank), 1.0 / math.sqrt(rank))
+            else:
+                b.zero_()
+
+    def _active(self) -> list[str]:
+        if self.disable_adapters or self.merged:
+            return []
+        return [a for a in self.active_adapters if a in self.lora_A]
+
+    def _factors(self, adapters: list[str], name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, s * B) of projection `name` over the active adapters (concatenated along the rank)."""
+        a = [getattr(self.lora_A[ad], name) for ad in adapters]
+        b = [getattr(self.lora_B[ad], name) * self.projection_scaling[ad][name] for ad in adapters]
+        if len(adapters) == 1:
+            return a[0], b[0]
+        n = max(t.shape[0] for t in a)
+        return torch.cat([t.expand(n, *t.shape[1:]) for t in a], -2), torch.cat(
+            [t.expand(n, *t.shape[1:]) for t in b], -1
+        )
+
+    def _check_forward(self) -> None:
+        if self.disable_adapters and self.merged:
+            self.unmerge()
+
+    # ----------------------------------------------------------------------------------------------- merging
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        for adapter in adapter_names:
+            if adapter not in self.lora_A:
+                continue
+            deltas = {name: self._delta(adapter, name) for name in self.base_names}
+            if safe_merge and not all(torch.isfinite(d).all() for d in deltas.values()):
+                raise ValueError(f"NaNs or infs in adapter {adapter!r}: not merged")
+            self._apply(deltas, sign=1.0)
+            self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        if self._quantized_backup is not None:  # restore the quantized bytes saved before the first merge
+            base = self.get_base_layer()
+            for name, saved in self._quantized_backup.items():
+                getattr(base, name).copy_(saved)
+            self._quantized_backup = None
+            self.merged_adapters.clear()
+            return
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            self._apply({name: self._delta(adapter, name) for name in self.base_names}, sign=-1.0)
+
+    @torch.no_grad()
+    def _apply(self, deltas: dict[str, torch.Tensor], sign: float) -> None:
+        base = self.get_base_layer()
+        stored = getattr(base, "_quantized_buffers", None)
+        if not stored:
+            for name, delta in deltas.items():
+                weight = getattr(base, name)
+                weight.add_(delta.to(weight.dtype).view_as(weight), alpha=sign)
+            return
+        if self._quantized_backup is None:
+            self._quantized_backup = {n: getattr(base, n).clone() for n in stored}
+        before = {n: getattr(base, n).clone() for n in stored}
+        self._requantize(base, deltas)
+        changed = sum(
+            int((getattr(base, n) != before[n]).reshape(before[n].shape[0], -1).any(-1).sum()) for n in stored
+        )
+        self.merge_report = {
+            "quantized_rows_changed": changed,
+            "quantized_rows": sum(t.shape[0] for t in before.values()),
+        }
+        logger.info("%s merged into quantized storage: %s", type(base).__name__, self.merge_report)
+
+
+class DeepseekV4ExpertsLora(_GroupedLoraLayer):
+    """Grouped LoRA on routed experts of any storage: `forward(x, indices, weights, static_shapes)` like the base."""
+
+    base_names = ("gate_up_proj", "down_proj")
+
+    def _shapes(self, config, r: int):
+        gate_up, down = self.get_base_layer().expert_banks(torch.float32)
+        (e, two_i, d), inter = gate_up.shape, down.shape[-1]
+        ranks = {name: _rank(config, f"experts.{name}", r) for name in self.base_names}
+        shapes_a = {"gate_up_proj": (e, ranks["gate_up_proj"], d), "down_proj": (e, ranks["down_proj"], inter)}
+        shapes_b = {"gate_up_proj": (e, two_i, ranks["gate_up_proj"]), "down_proj": (e, d, ranks["down_proj"])}
+        return shapes_a, shapes_b, ranks
+
+    def forward(self, x, indices, weights, static_shapes: bool = False, lora=None):
+        self._check_forward()
+        base = self.get_base_layer()
+        adapters = self._active()
+        if not adapters:
+            return base(x, indices, weights, static_shapes)
+        (a13, b13), (a2, b2) = (self._factors(adapters, name) for name in self.base_names)
+        factors = dict(lora_a13=a13, lora_b13=b13, lora_a2=a2, lora_b2=b2)
+        return base(x, indices, weights, static_shapes, lora=factors)
+
+    def _delta(self, adapter: str, name: str) -> torch.Tensor:
+        a, b = getattr(self.lora_A[adapter], name), getattr(self.lora_B[adapter], name)
+        return torch.bmm(b, a) * self.projection_scaling[adapter][name]  # [E, out, in]
+
+    def _requantize(self, base, deltas) -> None:
+        gate_up, down = base.dequantized(torch.float32)
+        if isinstance(base, DeepseekV4Bnb4bitExperts):
+            base._store("gate_up_proj", gate_up + deltas["gate_up_proj"])
+            base._store("down_proj", down + deltas["down_proj"])
+        else:
+            base.load_dense(gate_up + deltas["gate_up_proj"], down + deltas["down_proj"])
+
+
+class DeepseekV4GroupedLinearLora(_GroupedLoraLayer):
+    """Grouped LoRA on `o_a_proj`: group j's slice `x_j` gets `s * B_j (A_j x_j)`, added to its own `d_g` rows."""
+
+    base_names = ("weight",)
+
+    def _shapes(self, config, r: int):
+        base = self.get_base_layer()
+        g = base.n_groups
+        shapes_a = {"weight": (g, r, base.in_features)}
+        shapes_b = {"weight": (g, base.out_features // g, r)}
+        return shapes_a, shapes_b, {"weight": r}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x `[..., g, H * D / g]` -> `[..., g * d_g]`."""
+        self._check_forward()
+        out = self.get_base_layer()(x)
+        adapters = self._active()
+        if not adapters:
+            return out
+        a, b = self._factors(adapters, "weight")
+        low = torch.einsum("...gi,gri->...gr", x.to(a.dtype), a)
+        return out + torch.einsum("...gr,gor->...go", low, b).flatten(-2).to(out.dtype)
+
+    def _delta(self, adapter: str, name: str) -> torch.Tensor:
+        a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
+        return (torch.bmm(b, a) * self.projection_scaling[adapter]["weight"]).flatten(0, 1)  # [g * d_g, in]
+
+    def _requantize(self, base, deltas) -> None:
+        dense = base.dequantized_weight(torch.float32) + deltas["weight"]
+        if isinstance(base, DeepseekV4Bnb4bitGroupedLinear):
+            base._store("weight", dense.unsqueeze(0))
+        else:
+            base.load_dense(dense)
+
+
+# base module type -> its grouped LoRA layer (QAT experts subclass DeepseekV4Experts)
+LORA_LAYERS = {
+    DeepseekV4Experts: DeepseekV4ExpertsLora,
+    DeepseekV4QuantizedExperts: DeepseekV4ExpertsLora,
+    DeepseekV4Bnb4bitExperts: DeepseekV4ExpertsLora,
+    DeepseekV4GroupedLinear: DeepseekV4GroupedLinearLora,
+    DeepseekV4Fp8GroupedLinear: DeepseekV4GroupedLinearLora,
+    DeepseekV4Bnb4bitGroupedLinear: DeepseekV4GroupedLinearLora,
+}
+
+
+def register_lora_layers(config):
+    """Register the grouped LoRA layers on a PEFT `LoraConfig` (in place); returns it."""
+    _require_peft()
+    config._register_custom_module(LORA_LAYERS)
+    return config
+
+
+def expert_lora_config(**kwargs):
+    """`LoraConfig(**kwargs)` with the grouped LoRA layers registered: target `"experts"` and `"o_a_proj"` by
+    module name next to the usual linears, e.g. `expert_lora_config(r=16, lora_alpha=32, target_modules=["q_a_proj",
+    "q_b_proj", "o_a_proj", "o_b_proj", "experts"])`."""
+    _require_peft()
+    return register_lora_layers(LoraConfig(**kwargs))
+
+
+def load_expert_lora(model, path, **kwargs):
+    """`PeftModel.from_pretrained(model, path, **kwargs)` for adapters with grouped LoRA layers (the saved config
+    cannot carry PEFT's custom-layer registration, so it is added here)."""
+    _require_peft()
+    config = register_lora_layers(LoraConfig.from_pretrained(path))
+    return PeftModel.from_pretrained(model, path, config=config, **kwargs)
+
+
+@torch.no_grad()
+def densify_lora_bases(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Replace the quantized bases under grouped LoRA layers by dense ones in `dtype` (exact dequantization), so a
+    following `merge_and_unload()` merges in `dtype` instead of re-quantizing. Returns how many were replaced."""
+    count = 0
+    for layer in [m for m in model.modules() if isinstance(m, _GroupedLoraLayer)]:
+        base = layer.get_base_layer()
+        if not getattr(base, "_quantized_buffers", None):
+            continue
+        if isinstance(layer, DeepseekV4ExpertsLora):
+            gate_up, down = base.dequantized(dtype)
+            shape = SimpleNamespace(  # what DeepseekV4Experts reads from a model config
+                n_routed_experts=base.num_experts,
+                swiglu_limit=base.limit,
+                ops_backend=base.backend,
+                moe_intermediate_size=down.shape[-1],
+                hidden_size=down.shape[-2],
+            )
+            with torch.device("meta"):
+                dense = carry_numerics(DeepseekV4Experts(shape), base)
+            dense.gate_up_proj, dense.down_proj = (nn.Parameter(t, requires_grad=False) for t in (gate_up, down))
+        else:
+            dense = DeepseekV4GroupedLinear(base.in_features, base.out_features, base.n_groups).to("meta")
+            dense.weight = nn.Parameter(base.dequantized_weight(dtype), requires_grad=False)
+        layer.base_layer = dense
+        layer._quantized_backup = None
+        count += 1
+    return count
+
+
+__all__ = [
+    "DeepseekV4ExpertsLora",
+    "DeepseekV4GroupedLinearLora",
+    "densify_lora_bases",
+    "expert_lora_config",
+    "load_expert_lora",
+    "register_lora_layers",
+]
