@@ -64,9 +64,11 @@ class DeepseekV4ModelOutput(MoeModelOutputWithPast):
 @with_cache_aliases
 @dataclass
 class DeepseekV4CausalLMOutput(MoeCausalLMOutputWithPast):
-    """`MoeCausalLMOutputWithPast` plus `last_streams` `[B, S', n, d]` when `forward(return_streams=...)` asks."""
+    """`MoeCausalLMOutputWithPast` plus `last_streams` `[B, S', n, d]` when `forward(return_streams=...)` asks and
+    `mtp_loss` (the MTP block's loss, already weighted into `loss`) when `config.mtp_loss_weight` > 0."""
 
     last_streams: torch.Tensor | None = None
+    mtp_loss: torch.Tensor | None = None
 
 
 class DeepseekV4ExtPreTrainedModel(DeepseekV4PretrainedIO, PreTrainedModel):
@@ -323,6 +325,7 @@ class DeepseekV4ExtForCausalLM(DeepseekV4GenerationHooks, DeepseekV4ExtPreTraine
         )
         warn_ignored_requests(self.config, kwargs)
         refuse_packed_rows(position_ids, attention_mask, kwargs)
+        train_mtp = labels is not None and self.config.mtp_loss_weight > 0 and len(self.model.mtp) > 0
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -331,7 +334,7 @@ class DeepseekV4ExtForCausalLM(DeepseekV4GenerationHooks, DeepseekV4ExtPreTraine
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             output_router_logits=output_router_logits,
-            return_streams=bool(return_streams),
+            return_streams=bool(return_streams) or train_mtp,
             return_dict=True,
         )
         hidden = outputs.last_hidden_state
@@ -350,7 +353,13 @@ class DeepseekV4ExtForCausalLM(DeepseekV4GenerationHooks, DeepseekV4ExtPreTraine
                 if num_items is not None:
                     share = (labels[:, 1:] != -100).sum() / num_items
                 loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device) * share
-        streams = outputs.last_streams
+        mtp_loss = None
+        if train_mtp:
+            mtp_logits = self._mtp_head(outputs.last_streams, input_ids, inputs_embeds, attention_mask)
+            # position t predicts token t + 2: labels shifted once here, once more inside the loss
+            mtp_loss = self.loss_function(mtp_logits, labels[:, 1:], self.vocab_size, **kwargs)
+            loss = loss + self.config.mtp_loss_weight * mtp_loss.to(loss.device)
+        streams = outputs.last_streams if return_streams else None
         if streams is not None and not isinstance(return_streams, bool):
             streams = streams[:, -int(return_streams) :]
         return DeepseekV4CausalLMOutput(
@@ -361,7 +370,27 @@ class DeepseekV4ExtForCausalLM(DeepseekV4GenerationHooks, DeepseekV4ExtPreTraine
             hidden_states=outputs.hidden_states,
             router_logits=outputs.router_logits,
             last_streams=streams,
+            mtp_loss=mtp_loss,
         )
+
+    def _mtp_head(self, streams, input_ids, inputs_embeds, attention_mask, depth: int = 0) -> torch.Tensor:
+        """Logits `[B, S - 1, V]` of MTP block `depth` over the main streams `[B, S, n, d]`: position t from the
+        streams at t and the embedding of token t + 1. Rows may be right-padded (pads come after every real token,
+        so the causal block never reads them; their labels are -100)."""
+        if attention_mask is not None:
+            mask = attention_mask.bool()
+            if bool((mask[:, 1:] & ~mask[:, :-1]).any()):
+                raise ValueError(
+                    "mtp_loss_weight > 0 needs right-padded (or unpadded) rows: a real token after a pad would let "
+                    "the MTP block attend to padding. Use padding_side='right' for training."
+                )
+        embeds = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        next_ids = input_ids[:, 1:] if input_ids is not None else None
+        b, s = streams.shape[:2]
+        lengths = torch.full((b,), s - 1, dtype=torch.long, device=streams.device)
+        meta = BatchMeta(torch.zeros_like(lengths), lengths, s - 1, self.model.rope_tables)
+        hidden, _ = self.model.mtp[depth](streams[:, :-1], embeds[:, 1:], meta, next_ids)
+        return self.lm_head(hidden.to(self.lm_head.weight.dtype)).float()
 
     def mtp_logits(
         self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None, depth: int = 0
@@ -373,12 +402,7 @@ class DeepseekV4ExtForCausalLM(DeepseekV4GenerationHooks, DeepseekV4ExtPreTraine
         if attention_mask is not None and not bool(attention_mask.bool().all()):
             raise ValueError("mtp_logits supports unpadded batches only; drop the padding or run rows one by one.")
         out = self.model(input_ids=input_ids, use_cache=False, return_streams=True, return_dict=True)
-        b, s = input_ids.shape
-        next_ids = input_ids[:, 1:]
-        lengths = torch.full((b,), s - 1, dtype=torch.long, device=input_ids.device)
-        meta = BatchMeta(torch.zeros_like(lengths), lengths, s - 1, self.model.rope_tables)
-        hidden, _ = self.model.mtp[depth](out.last_streams[:, :-1], self.model.embed_tokens(next_ids), meta, next_ids)
-        return self.lm_head(hidden.to(self.lm_head.weight.dtype)).float()
+        return self._mtp_head(out.last_streams, input_ids, None, None, depth)
 
 
 __all__ = ["DeepseekV4ExtPreTrainedModel", "DeepseekV4ExtModel", "DeepseekV4ExtForCausalLM", "DeepseekV4Cache"]

@@ -1,0 +1,120 @@
+"""DeepSeek's training-time features (issue #14): the MTP loss and auxiliary-loss-free bias balancing."""
+
+import pytest
+import torch
+
+from modeling_deepseek_v4.moe import DeepseekV4TopKRouter
+from modeling_deepseek_v4.training_callbacks import ExpertBiasBalancer
+from tests.conftest import tiny_model
+
+torch.set_num_threads(1)
+
+IDS = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(0))
+
+
+def test_mtp_loss_is_weighted_into_the_loss_and_trains_the_mtp_block():
+    model = tiny_model().train()
+    plain = model(IDS, labels=IDS)
+    assert plain.mtp_loss is None
+    model.config.mtp_loss_weight = 0.3
+    out = model(IDS, labels=IDS)
+    # position t of the MTP head predicts token t + 2
+    logits = model.mtp_logits(IDS)
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), IDS[:, 2:].reshape(-1))
+    torch.testing.assert_close(out.mtp_loss, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.loss, plain.loss + 0.3 * out.mtp_loss, atol=1e-5, rtol=1e-5)
+    out.loss.backward()
+    mtp_grads = [p.grad for n, p in model.named_parameters() if ".mtp." in n and "experts" not in n]
+    assert mtp_grads and all(g is not None and torch.isfinite(g).all() for g in mtp_grads)
+    assert any(g.abs().sum() > 0 for g in mtp_grads)
+
+
+def test_mtp_loss_accepts_right_padding_and_refuses_left_padding():
+    model = tiny_model()
+    model.config.mtp_loss_weight = 1.0
+    mask = torch.ones_like(IDS)
+    mask[1, 30:] = 0
+    labels = IDS.masked_fill(mask == 0, -100)
+    right = model(IDS, attention_mask=mask, labels=labels)
+    # row 1 alone, cut to its real tokens, gives the same MTP loss contribution pattern: finite and differentiable
+    assert torch.isfinite(right.mtp_loss)
+    with pytest.raises(ValueError, match="right-padded"):
+        model(IDS, attention_mask=mask.flip(-1), labels=labels.flip(-1))
+
+
+def test_mtp_loss_weight_is_validated():
+    from tests.conftest import tiny_config
+
+    with pytest.raises(ValueError, match="mtp_loss_weight"):
+        tiny_config(mtp_loss_weight=-1.0)
+
+
+def _skew(model) -> list[DeepseekV4TopKRouter]:
+    """Make every score-routed gate send every token to expert 0 (a collapsed router)."""
+    gates = [m for m in model.modules() if isinstance(m, DeepseekV4TopKRouter) and not m.is_hash]
+    with torch.no_grad():
+        for gate in gates:
+            gate.e_score_correction_bias.zero_()[0] = 0.5
+    return gates
+
+
+def _imbalance(model, gates) -> float:
+    loads = []
+    hooks = [
+        g.register_forward_hook(
+            lambda m, a, out: loads.append(torch.bincount(out[-1].flatten(), minlength=m.num_experts))
+        )
+        for g in gates
+    ]  # noqa: E501
+    with torch.no_grad():
+        model(IDS)
+    for h in hooks:
+        h.remove()
+    load = torch.stack(loads).float()
+    return float((load.max(dim=-1).values / load.mean(dim=-1)).mean())
+
+
+def test_bias_balancing_moves_a_skewed_router_toward_balance():
+    model = tiny_model().train()
+    gates = _skew(model)
+    before = _imbalance(model, gates)
+    balancer = ExpertBiasBalancer(speed=0.05).attach(model)
+    for _ in range(20):  # forwards of "one optimizer step" each (two micro-batches), then the update
+        model(IDS[:1])
+        model(IDS[1:])
+        assert 1 <= balancer.update() <= len(gates)  # the MTP block's gate runs only with the MTP loss
+    after = _imbalance(model, gates)
+    assert after < before
+    # the favoured expert is pushed down in every gate that ran (all but the MTP block's)
+    assert sum(bool(g.e_score_correction_bias[0] < 0.5) for g in gates) == len(gates) - 1
+    balancer.detach()
+    model(IDS)
+    assert balancer.update() == 0  # detached: nothing counted
+
+
+def test_bias_balancing_ignores_eval_forwards_and_hash_layers():
+    model = tiny_model().eval()
+    balancer = ExpertBiasBalancer(speed=0.1).attach(model)
+    model(IDS)
+    assert balancer.update() == 0
+    with pytest.raises(ValueError, match="speed"):
+        ExpertBiasBalancer(speed=0)
+
+
+def test_bias_balancing_runs_inside_the_trainer(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = tiny_model()
+    gates = _skew(model)
+    initial = [g.e_score_correction_bias.clone() for g in gates]
+    rows = [{"input_ids": IDS[i % 2].tolist(), "labels": IDS[i % 2].tolist()} for i in range(8)]
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=2,
+        learning_rate=0.0, report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no",
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=rows, callbacks=[ExpertBiasBalancer(speed=0.01)])
+    trainer.train()
+    moved = [g.e_score_correction_bias - b for g, b in zip(gates, initial)]
+    # two optimizer steps of +-0.01 on the gates that ran: the favoured expert went down twice
+    assert all(m.abs().max() <= 0.02 + 1e-6 for m in moved)
+    assert sum(bool(m[0] < -0.015) for m in moved) == len(gates) - 1  # all but the MTP block's gate
