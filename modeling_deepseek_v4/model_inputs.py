@@ -1,5 +1,5 @@
 """What the model does with its inputs before the layers run: checks (empty inputs, `input_ids` next to
-`inputs_embeds`, packed rows, requests it cannot honour) and the row compaction of padded batches (each row's real
+`inputs_embeds`, requests it cannot honour) and the row compaction of padded batches (each row's real
 tokens first, from a 0/1 or additive attention mask; `rows_gather` moves rows there and back). Used by
 `DeepseekV4ExtModel.forward` and `DeepseekV4ExtForCausalLM.forward` (docs/hf-integration.md §6.4).
 """
@@ -23,22 +23,6 @@ def warn_ignored_requests(config, kwargs: dict) -> None:
         logger.warning_once(
             f"attention_dropout={config.attention_dropout} is not applied: DeepSeek-V4 (like the official model) "
             "has no attention dropout."
-        )
-
-
-def refuse_packed_rows(position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, kwargs: dict) -> None:
-    """Packed rows (several documents in one row: positions that restart, or flash-attention's `cu_seq_lens_*`, as
-    TRL's padding-free packing sends) would attend across documents here, since positions and windows follow the
-    attention mask. Refuse them instead of training on the wrong attention."""
-    restart = any(kwargs.get(key) is not None for key in ("cu_seq_lens_q", "cu_seq_lens_k"))
-    if not restart and position_ids is not None and position_ids.shape[-1] > 1:
-        if attention_mask is None or bool(attention_mask.bool().all()):
-            restart = bool((position_ids[..., 1:] <= position_ids[..., :-1]).any())
-    if restart:
-        raise ValueError(
-            "DeepSeek-V4 got packed sequences (position_ids that restart inside a row, or cu_seq_lens_*): this model "
-            "derives positions, windows and compression from the attention mask, so packed documents would attend "
-            "to each other. Pass one document per row with an attention_mask (TRL: packing=False, padding_free=False)."
         )
 
 

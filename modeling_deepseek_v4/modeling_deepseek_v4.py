@@ -36,7 +36,7 @@ from .dspark import DeepseekV4DSparkDrafter
 from .generation_hooks import DeepseekV4GenerationHooks
 from .hyper_connection import DeepseekV4HyperConnection, DeepseekV4HyperHead
 from .losses import router_balance_loss
-from .model_inputs import check_inputs, refuse_packed_rows, rows_gather, valid_tokens, warn_ignored_requests
+from .model_inputs import check_inputs, rows_gather, valid_tokens, warn_ignored_requests
 from .moe import (
     DeepseekV4Experts,
     DeepseekV4HashRouter,
@@ -44,6 +44,7 @@ from .moe import (
     default_tid2eid,
 )
 from .norm import DeepseekV4RMSNorm
+from .packing import PACKING_KWARGS, forward_packed, mask_document_starts, packed_spans
 from .pretrained_io import DeepseekV4PretrainedIO
 from .quantized_modules import build_quantized_modules, init_quantized_module
 from .reference_numerics import set_reference_numerics
@@ -221,12 +222,20 @@ class DeepseekV4ExtModel(DeepseekV4ExtPreTrainedModel):
         **kwargs,
     ) -> DeepseekV4ModelOutput:
         """Positions come from each row's real tokens (attention_mask) and the cache; `position_ids` is accepted
-        for API compatibility and ignored (it must equal `cumsum(attention_mask) - 1`, what `generate` passes).
+        for API compatibility (`cumsum(attention_mask) - 1`, what `generate` passes) and read only to find packed
+        documents: positions that restart inside a row, or `cu_seq_lens_q`, run each document as its own row
+        (`packing.py`).
         The cache comes as `cache=` (transformers >= 5.24) or `past_key_values=` (its older name); the output
         carries it under both names (compat.py)."""
         check_inputs(input_ids, inputs_embeds)
+        spans = packed_spans(position_ids, attention_mask, kwargs)
+        if spans is not None:  # several documents per row (TRL padding-free / packing): one row each, then back
+            return forward_packed(
+                self, spans, input_ids, inputs_embeds, pick_cache(cache, past_key_values), use_cache,
+                output_hidden_states=output_hidden_states, output_router_logits=output_router_logits,
+                return_streams=return_streams, **kwargs,
+            )  # fmt: skip
         warn_ignored_requests(self.config, kwargs)
-        refuse_packed_rows(position_ids, attention_mask, kwargs)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         output_hidden_states = bool(
             self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
@@ -320,15 +329,23 @@ class DeepseekV4ExtForCausalLM(DeepseekV4GenerationHooks, DeepseekV4ExtPreTraine
         micro-batch's share of those tokens so accumulation matches one large batch. `return_streams` (MTP
         speculation): True puts the final streams `[B, S, n, d]` on the output as `last_streams`, an int n > 0
         only those of the last n positions."""
+        spans = packed_spans(position_ids, attention_mask, kwargs)
+        if spans is not None and labels is not None:
+            labels = mask_document_starts(labels, spans)  # never predict a document from the one before it
         output_router_logits = (
             self.config.output_router_logits if output_router_logits is None else output_router_logits
         )
         warn_ignored_requests(self.config, kwargs)
-        refuse_packed_rows(position_ids, attention_mask, kwargs)
         train_mtp = labels is not None and self.config.mtp_loss_weight > 0 and len(self.model.mtp) > 0
+        if train_mtp and spans is not None:
+            raise ValueError(
+                "mtp_loss_weight > 0 is not supported with packed sequences yet: pass one document per row."
+            )
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
+            position_ids=position_ids,
+            **{key: kwargs[key] for key in PACKING_KWARGS if key in kwargs},
             cache=pick_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,

@@ -141,3 +141,30 @@ def test_sft_trainer_from_saved_folder_builds_the_plugin_class_with_mtp(tmp_path
     assert mtp
     for name in mtp:
         assert torch.equal(loaded[name], reference[name]), name
+
+
+def test_sft_trainer_packed_documents_train_as_if_alone(tmp_path):
+    """`packing=True` (TRL's padding-free BFD packing: position_ids restart per document): the model unpacks the
+    documents (packing.py), so the packed batch gives each document the log-probabilities it gets alone."""
+    model = tiny_model()
+    train = datasets.Dataset.from_dict({"text": sentences(8, range(5, 9))})
+    args = cpu_args(trl.SFTConfig, tmp_path, packing=True, max_length=32)
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tiny_tokenizer())
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    positions = batch["position_ids"]
+    assert bool((positions[:, 1:] <= positions[:, :-1]).any())  # several documents in a row
+    before = snapshot(model)
+    trainer.train()
+    check_trained(model, before, trainer.state.log_history)
+
+    model.eval()
+    with torch.no_grad():
+        fused = model(**batch, fused_lm_head=True)
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    starts = [0, *(torch.nonzero(positions[0, 1:] <= positions[0, :-1]).flatten() + 1).tolist(), ids.numel()]
+    for a, b in zip(starts[:-1], starts[1:]):
+        with torch.no_grad():
+            alone = model(input_ids=ids[None, a:b], output_router_logits=False).logits[0, :-1].log_softmax(-1)
+        target = labels[a + 1 : b]
+        expected = alone.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (target != -100)
+        torch.testing.assert_close(fused.log_probs[0, a : b - 1], expected, atol=1e-5, rtol=1e-5)

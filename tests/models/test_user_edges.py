@@ -65,16 +65,19 @@ def test_num_parameters_counts_weights_kept_quantized():
     assert model.num_parameters(only_trainable=True) < dense
 
 
-def test_packed_rows_are_refused_not_mixed():
-    """Padding-free packing (TRL) restarts positions inside a row; the model would mix the documents."""
+def test_packed_rows_run_document_by_document_in_the_base_model_too():
+    """Padding-free packing (TRL) restarts positions inside a row; TRL's fused LM head calls the base model, which
+    unpacks the documents like the causal LM (tests/models/test_packing.py)."""
     model = tiny_model()
     ids = torch.randint(2, 97, (1, 20))
     packed = torch.cat([torch.arange(12), torch.arange(8)])[None]
-    for call in (model, model.model):
-        with torch.no_grad(), pytest.raises(ValueError, match="packed sequences"):
-            call(input_ids=ids, position_ids=packed)
-    with torch.no_grad(), pytest.raises(ValueError, match="packed sequences"):
-        model(input_ids=ids, cu_seq_lens_q=torch.tensor([0, 12, 20]))
+    with torch.no_grad():
+        hidden = model.model(input_ids=ids, position_ids=packed).last_hidden_state
+        by_cu = model.model(input_ids=ids, cu_seq_lens_q=torch.tensor([0, 12, 20])).last_hidden_state
+        first = model.model(input_ids=ids[:, :12]).last_hidden_state
+        second = model.model(input_ids=ids[:, 12:]).last_hidden_state
+    torch.testing.assert_close(hidden, torch.cat([first, second], dim=1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(by_cu, hidden, atol=0, rtol=0)
     # What generate passes (cumsum of the mask, pads set to 1) and plain positions are fine.
     mask = torch.ones(1, 20, dtype=torch.long)
     mask[0, :3] = 0
