@@ -1,7 +1,6 @@
 """Things users hit: resizing the vocabulary with hash-routed layers, requests the model cannot honour (warned,
 not silently ignored), parameter counts of quantized models."""
 
-import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
