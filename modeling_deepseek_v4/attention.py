@@ -18,6 +18,7 @@ from torch import nn
 from .batch_meta import BatchMeta
 from .cache import DeepseekV4LayerCache, last_valid_window
 from .compressor import DeepseekV4CSACompressor, DeepseekV4HCACompressor
+from .indexer_alignment import indexer_alignment_kl
 from .norm import DeepseekV4RMSNorm
 from .ops import rms_norm, sparse_attention
 from .reference_numerics import kv_fp8_roundtrip
@@ -82,6 +83,7 @@ class DeepseekV4Attention(nn.Module):
         self.o_groups = config.o_groups
         self.rope_dim = config.qk_rope_head_dim
         self.reference_numerics = False  # R2 (reference_numerics.py), set by `set_reference_numerics`
+        self.indexer_kl = None  # the last training forward's indexer alignment loss (indexer_alignment.py)
 
         self.q_a_proj = nn.Linear(config.hidden_size, config.q_lora_rank, bias=False)
         self.q_a_norm = DeepseekV4RMSNorm(config.q_lora_rank, eps=config.rms_norm_eps)
@@ -126,7 +128,16 @@ class DeepseekV4Attention(nn.Module):
             if self.layer_type == "compressed_sparse_attention":
                 indexer = self.compressor.indexer
                 topk_idx = indexer(x, q_residual, meta, self._state(cache, "indexer", indexer, x))
+                self.indexer_kl = self._alignment(q, compressed, topk_idx, meta, indexer)
         return self._attend(q, keys, meta, compressed, ratio, topk_idx, cos, sin)
+
+    def _alignment(self, q, compressed, topk_idx, meta: BatchMeta, indexer) -> torch.Tensor | None:
+        """Mean indexer alignment KL of this forward's queries (training with `indexer_loss_weight` > 0), else None."""
+        inputs, indexer.alignment_inputs = indexer.alignment_inputs, None
+        if inputs is None:
+            return None
+        total, count = indexer_alignment_kl(q, compressed, topk_idx, self.scaling, *inputs, meta.lengths, self.chunk)
+        return total / count.clamp(min=1)
 
     def _window_keys(self, kv: torch.Tensor, meta: BatchMeta, cache: DeepseekV4LayerCache | None) -> torch.Tensor:
         """Sliding-window keys `[B, W - 1 + S, D]` (cached then new), keeping the next window in the cache; `kv`

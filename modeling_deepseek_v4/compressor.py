@@ -170,6 +170,8 @@ class DeepseekV4Indexer(DeepseekV4HCACompressor):
         self.backend = config.ops_backend
         self.q_b_proj = nn.Linear(config.q_lora_rank, self.num_heads * self.head_dim, bias=False)
         self.scorer = DeepseekV4IndexerScorer(config)
+        self.align = config.indexer_loss_weight > 0  # indexer_alignment.py
+        self.alignment_inputs = None
 
     def entries(self, pooled: torch.Tensor, dtype: torch.dtype, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """As the compressor's, with the indexer's Hadamard + FP4 round trip in reference numerics (R3)."""
@@ -185,6 +187,9 @@ class DeepseekV4Indexer(DeepseekV4HCACompressor):
     ) -> torch.Tensor:
         """Top-k entry indices `[B, S, min(k, N)]` (-1 = none) for the new queries: the keys come from the
         compressor's forward (streaming or static step), then the new queries `[B, S, H_I, c_I]` score them."""
+        align = self.align and self.training and torch.is_grad_enabled()
+        if align:  # trained by the alignment loss alone: its inputs carry no gradient back (the top-k has none)
+            x, q_residual = x.detach(), q_residual.detach()
         keys = super().forward(x, meta, state)
         b, s, _ = x.shape
         q = self.q_b_proj(q_residual).view(b, s, self.num_heads, self.head_dim)
@@ -192,6 +197,7 @@ class DeepseekV4Indexer(DeepseekV4HCACompressor):
         if self.reference_numerics:
             q = indexer_fp4_roundtrip(q)
         weights = self.scorer(x)
+        self.alignment_inputs = (q, keys, weights) if align else None
         return indexer_topk(
             q,
             keys,

@@ -66,6 +66,7 @@ FLOAT_RANGES = {
     "initializer_range": (0.0, True, None),
     "router_aux_loss_coef": (0.0, True, None),
     "mtp_loss_weight": (0.0, True, None),
+    "indexer_loss_weight": (0.0, True, None),
     "attention_dropout": (0.0, True, 1.0),
 }
 # field -> (the only supported value, why); anything else would be silently ignored by the model.

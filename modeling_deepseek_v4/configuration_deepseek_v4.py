@@ -140,7 +140,8 @@ class DeepseekV4ExtConfig(PreTrainedConfig):
         native `mlp_layer_types` kwarg folds into it), `output_router_logits`, `router_aux_loss_coef`,
         `router_jitter_noise`.
     MTP: `num_nextn_predict_layers`; `mtp_loss_weight` (training: with `labels`, add this weight x the MTP block's
-        next-next-token loss, reported as `mtp_loss`; 0 = off).
+        next-next-token loss, reported as `mtp_loss`; 0 = off). `indexer_loss_weight` (training: > 0 adds the
+        indexer alignment KL of the CSA layers, `indexer_alignment.py`, reported as `indexer_loss`; 0 = off).
     DSpark drafter (dspark.md §2.2): `dspark_num_stages` (blocks of the drafter, `model.dspark.layers`; 0 = none;
         with `dspark_*` keys and 0 it is taken from the trailing `compress_ratios` entries), `dspark_block_size` (W,
         drafted tokens per block), `dspark_noise_token_id` (token filling the draft slots), `dspark_target_layer_ids`
@@ -202,6 +203,7 @@ class DeepseekV4ExtConfig(PreTrainedConfig):
     index_topk: int = 512
     num_nextn_predict_layers: int = 1
     mtp_loss_weight: float = 0.0
+    indexer_loss_weight: float = 0.0
     dspark_num_stages: int = 0
     dspark_block_size: int | None = None
     dspark_noise_token_id: int | None = None

@@ -38,11 +38,14 @@ class DeepseekV4DecoderLayer(GradientCheckpointingLayer):
         **kwargs,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         collapsed, post, comb = self.attn_hc(hidden_states)
+        self.self_attn.indexer_kl = None
         attn_out = self.self_attn(self.input_layernorm(collapsed), meta, layer_cache)
         hidden_states = self.attn_hc.expand(attn_out, hidden_states, post, comb)
         collapsed, post, comb = self.ffn_hc(hidden_states)
         static = meta is not None and meta.static
         mlp_out, router = self.mlp(self.post_attention_layernorm(collapsed), input_ids, static)
+        if self.self_attn.indexer_kl is not None:  # returned, not only stored: checkpointed layers recompute it
+            router = (*router, self.self_attn.indexer_kl)
         return self.ffn_hc.expand(mlp_out, hidden_states, post, comb), router
 
 

@@ -57,9 +57,11 @@ logger = logging.get_logger(__name__)
 @with_cache_aliases
 @dataclass
 class DeepseekV4ModelOutput(MoeModelOutputWithPast):
-    """`MoeModelOutputWithPast` plus the final residual streams `[B, S, n, d]` (for MTP) when requested."""
+    """`MoeModelOutputWithPast` plus the final residual streams `[B, S, n, d]` (for MTP) when requested and the
+    mean indexer alignment loss of the CSA layers (training with `indexer_loss_weight` > 0)."""
 
     last_streams: torch.Tensor | None = None
+    indexer_loss: torch.Tensor | None = None
 
 
 @with_cache_aliases
@@ -70,6 +72,7 @@ class DeepseekV4CausalLMOutput(MoeCausalLMOutputWithPast):
 
     last_streams: torch.Tensor | None = None
     mtp_loss: torch.Tensor | None = None
+    indexer_loss: torch.Tensor | None = None
 
 
 class DeepseekV4ExtPreTrainedModel(DeepseekV4PretrainedIO, PreTrainedModel):
@@ -263,7 +266,7 @@ class DeepseekV4ExtModel(DeepseekV4ExtPreTrainedModel):
         inverse = None if order is None else torch.argsort(order, dim=1)
         restore = (lambda t: t) if inverse is None else (lambda t: rows_gather(t, inverse))
         hidden = inputs_embeds.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1)
-        all_hidden, routers = [], []
+        all_hidden, routers, indexer_losses = [], [], []
         for i, layer in enumerate(self.layers):
             if output_hidden_states:
                 all_hidden.append(restore(hidden))
@@ -274,6 +277,8 @@ class DeepseekV4ExtModel(DeepseekV4ExtPreTrainedModel):
                 hidden, meta=meta, input_ids=input_ids, layer_cache=cache.layers[i] if cache else None
             )
             routers.append(None if layer.mlp.is_hash else router)
+            if len(router) > 2:
+                indexer_losses.append(router[2])
         if cache is not None:
             cache.advance(lengths, s, valid)
             if isinstance(cache, DeepseekV4StaticCache) and not cache.ready:
@@ -292,6 +297,7 @@ class DeepseekV4ExtModel(DeepseekV4ExtPreTrainedModel):
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
             router_logits=router_logits,
             last_streams=restore(streams) if return_streams else None,
+            indexer_loss=torch.stack(indexer_losses).mean() if indexer_losses else None,
         )
 
 
@@ -376,6 +382,8 @@ class DeepseekV4ExtForCausalLM(DeepseekV4GenerationHooks, DeepseekV4ExtPreTraine
             # position t predicts token t + 2: labels shifted once here, once more inside the loss
             mtp_loss = self.loss_function(mtp_logits, labels[:, 1:], self.vocab_size, **kwargs)
             loss = loss + self.config.mtp_loss_weight * mtp_loss.to(loss.device)
+        if loss is not None and outputs.indexer_loss is not None:
+            loss = loss + self.config.indexer_loss_weight * outputs.indexer_loss.to(loss.device)
         streams = outputs.last_streams if return_streams else None
         if streams is not None and not isinstance(return_streams, bool):
             streams = streams[:, -int(return_streams) :]
@@ -388,6 +396,7 @@ class DeepseekV4ExtForCausalLM(DeepseekV4GenerationHooks, DeepseekV4ExtPreTraine
             router_logits=outputs.router_logits,
             last_streams=streams,
             mtp_loss=mtp_loss,
+            indexer_loss=outputs.indexer_loss,
         )
 
     def _mtp_head(self, streams, input_ids, inputs_embeds, attention_mask, depth: int = 0) -> torch.Tensor:

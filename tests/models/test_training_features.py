@@ -118,3 +118,38 @@ def test_bias_balancing_runs_inside_the_trainer(tmp_path):
     # two optimizer steps of +-0.01 on the gates that ran: the favoured expert went down twice
     assert all(m.abs().max() <= 0.02 + 1e-6 for m in moved)
     assert sum(bool(m[0] < -0.015) for m in moved) == len(gates) - 1  # all but the MTP block's gate
+
+
+def test_indexer_alignment_loss_trains_only_the_indexer():
+    model = tiny_model().train()
+    plain = model(IDS, labels=IDS)
+    assert plain.indexer_loss is None
+    model.config.indexer_loss_weight = 0.5
+    for module in model.modules():
+        if hasattr(module, "align"):
+            module.align = True
+    out = model(IDS, labels=IDS)
+    assert out.indexer_loss is not None and float(out.indexer_loss) > 0
+    torch.testing.assert_close(out.loss, plain.loss + 0.5 * out.indexer_loss, atol=1e-5, rtol=1e-5)
+    # its gradient reaches the indexer's projections and nothing else
+    model.zero_grad()
+    out.indexer_loss.backward()
+    touched = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert touched and all(".indexer." in n for n in touched), sorted(touched)[:5]
+    assert any("indexer.q_b_proj" in n for n in touched) and any("scorer.weights_proj" in n for n in touched)
+
+
+def test_indexer_alignment_loss_survives_gradient_checkpointing():
+    from modeling_deepseek_v4 import DeepseekV4ExtForCausalLM
+    from tests.conftest import tiny_config
+
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = DeepseekV4ExtForCausalLM(tiny_config(indexer_loss_weight=1.0)).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        out = model(IDS, labels=IDS)
+        out.indexer_loss.backward()
+        grads.append(model.model.layers[2].self_attn.compressor.indexer.q_b_proj.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
