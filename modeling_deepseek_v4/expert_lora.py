@@ -161,7 +161,7 @@ class _GroupedLoraLayer(nn.Module, LoraLayer):
             deltas = {name: self._delta(adapter, name) for name in self.base_names}
             if safe_merge and not all(torch.isfinite(d).all() for d in deltas.values()):
                 raise ValueError(f"NaNs or infs in adapter {adapter!r}: not merged")
-            self._apply(deltas, sign=1.0)
+            self._add_deltas(deltas, sign=1.0)
             self.merged_adapters.append(adapter)
 
     def unmerge(self) -> None:
@@ -176,10 +176,10 @@ class _GroupedLoraLayer(nn.Module, LoraLayer):
             return
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()
-            self._apply({name: self._delta(adapter, name) for name in self.base_names}, sign=-1.0)
+            self._add_deltas({name: self._delta(adapter, name) for name in self.base_names}, sign=-1.0)
 
     @torch.no_grad()
-    def _apply(self, deltas: dict[str, torch.Tensor], sign: float) -> None:
+    def _add_deltas(self, deltas: dict[str, torch.Tensor], sign: float) -> None:
         base = self.get_base_layer()
         stored = getattr(base, "_quantized_buffers", None)
         if not stored:

@@ -225,3 +225,13 @@ def test_lora_on_the_grouped_output_projection_keeps_groups_apart():
     torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
     _loss(model).backward()
     assert layer.lora_A["default"].weight.grad is not None
+
+
+def test_lora_layers_move_and_cast_like_any_module():
+    model = _ours(_model())
+    model.to(torch.float64)
+    layer = _lora_layers(model)[0]
+    assert layer.lora_A["default"].gate_up_proj.dtype == torch.float64
+    model.to(torch.float32)
+    with torch.no_grad():
+        assert torch.isfinite(model(PROMPT).logits).all()
