@@ -290,11 +290,30 @@ def register_lora_layers(config):
     return config
 
 
+# Every module a LoRA can train from the language-model loss: the attention and compressor projections, the grouped
+# o_a_proj, the shared and routed experts. Not the lightning indexer (its top-k has no gradient; it learns only from
+# `indexer_loss_weight`) nor the MTP block (only from `mtp_loss_weight`): `all_linear_targets` adds them on request.
+_TRAINABLE = r"(q_a_proj|q_b_proj|kv_proj|gate_proj|o_a_proj|o_b_proj|up_proj|down_proj|experts)"
+
+
+def all_linear_targets(mtp: bool = False, indexer: bool = False) -> str:
+    """A `target_modules` regex for every projection that receives gradients from the loss (what "all-linear"
+    should mean here): `mtp=True` / `indexer=True` add the MTP block / the indexer, for training with
+    `mtp_loss_weight` / `indexer_loss_weight`."""
+    excluded = ([] if mtp else [r"(?!.*\.mtp\.)"]) + ([] if indexer else [r"(?!.*\.indexer\.)"])
+    extra = (r"|e_proj|h_proj" if mtp else "") + (r"|weights_proj" if indexer else "")
+    return r"^" + "".join(excluded) + r".*\." + _TRAINABLE[:-1] + extra + r")$"
+
+
 def expert_lora_config(**kwargs):
     """`LoraConfig(**kwargs)` with the grouped LoRA layers registered: target `"experts"` and `"o_a_proj"` by
     module name next to the usual linears, e.g. `expert_lora_config(r=16, lora_alpha=32, target_modules=["q_a_proj",
-    "q_b_proj", "o_a_proj", "o_b_proj", "experts"])`."""
+    "q_b_proj", "o_a_proj", "o_b_proj", "experts"])`. `target_modules="all-linear"` becomes `all_linear_targets()`:
+    PEFT's own expansion would wrap the indexer and MTP linears, which get no gradient from the loss, and miss the
+    routed experts and `o_a_proj`."""
     _require_peft()
+    if isinstance(kwargs.get("target_modules"), str) and kwargs["target_modules"].lower() == "all-linear":
+        kwargs["target_modules"] = all_linear_targets()
     return register_lora_layers(LoraConfig(**kwargs))
 
 
@@ -337,6 +356,7 @@ def densify_lora_bases(model: nn.Module, dtype: torch.dtype = torch.bfloat16) ->
 
 
 __all__ = [
+    "all_linear_targets",
     "DeepseekV4ExpertsLora",
     "DeepseekV4GroupedLinearLora",
     "densify_lora_bases",

@@ -235,3 +235,18 @@ def test_lora_layers_move_and_cast_like_any_module():
     model.to(torch.float32)
     with torch.no_grad():
         assert torch.isfinite(model(PROMPT).logits).all()
+
+
+def test_all_linear_wraps_exactly_the_modules_that_receive_gradients():
+    model = get_peft_model(_model(), expert_lora_config(r=4, lora_alpha=8, target_modules="all-linear"))
+    wrapped = {n.rsplit(".lora_B", 1)[0] for n, _ in model.named_parameters() if ".lora_B." in n}
+    assert any(n.endswith("mlp.experts") for n in wrapped) and any(n.endswith("o_a_proj") for n in wrapped)
+    assert not any(".indexer." in n or ".mtp." in n for n in wrapped)
+    _loss(model).backward()
+    for name, param in model.named_parameters():
+        if ".lora_B." in name:
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+    # every nn.Linear left unwrapped is one the loss cannot train (indexer, MTP) or the head
+    skipped = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear and n not in wrapped]
+    skipped = [n for n in skipped if ".lora_" not in n and ".base_layer" not in n]
+    assert skipped and all(".indexer." in n or ".mtp." in n or n.endswith("lm_head") for n in skipped), skipped
