@@ -74,3 +74,27 @@ def test_training_reduces_the_loss_and_resumes_bit_for_bit(tmp_path):
     _train(resumed, opt, 2, ids)
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_trainer_with_muon_resumes_bit_for_bit(tmp_path):
+    """Trainer with `optimizers=(muon_optimizer(...), None)`: checkpoint at 2, resume to 4 == 4 steps straight."""
+    from transformers import Trainer, TrainingArguments
+
+    gen = torch.Generator().manual_seed(2)
+    rows = [{"input_ids": r, "labels": r} for r in torch.randint(0, 97, (16, 24), generator=gen).tolist()]
+
+    def run(output_dir, resume=None, seed_model=0):
+        model = tiny_model(seed=seed_model)
+        args = TrainingArguments(
+            output_dir=str(output_dir), per_device_train_batch_size=2, max_steps=4, save_steps=2,
+            learning_rate=1e-3, lr_scheduler_type="linear", report_to=[], use_cpu=True, seed=0, logging_strategy="no",
+        )  # fmt: skip
+        optimizer = muon_optimizer(model, lr=1e-3, weight_decay=0.01)
+        trainer = Trainer(model=model, args=args, train_dataset=rows, optimizers=(optimizer, None))
+        trainer.train(resume_from_checkpoint=resume)
+        return model
+
+    straight = run(tmp_path / "straight")
+    resumed = run(tmp_path / "resumed", resume=str(tmp_path / "straight" / "checkpoint-2"), seed_model=7)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
