@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device-map", default=None)
     parser.add_argument("--quantize", choices=["none", "fp4", "fp8"], default="none", help="tiny model's experts")
     parser.add_argument("--r", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=33, help="tokens per toy row (odd)")
     parser.add_argument("--lr", type=float, default=3e-3)
