@@ -8,9 +8,12 @@ alone. Off unless the callback is passed to `Trainer(callbacks=[ExpertBiasBalanc
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
+from .batch_meta import BatchMeta
 from .moe import DeepseekV4TopKRouter
 
 try:  # optional at import: the class is usable without transformers' Trainer stack loaded
@@ -29,27 +32,42 @@ class ExpertBiasBalancer(TrainerCallback):
             raise ValueError(f"ExpertBiasBalancer: speed must be > 0, got {speed!r}")
         self.speed = speed
         self._counts: dict[nn.Module, torch.Tensor] = {}
+        self._real: dict[nn.Module, tuple[torch.Tensor, int] | None] = {}
         self._hooks: list = []
 
     def attach(self, model: nn.Module) -> ExpertBiasBalancer:
-        """Hook every score-routed gate of `model` (idempotent)."""
+        """Hook every score-routed gate of `model` (idempotent), and its decoder block to learn which of the
+        block's token slots are padding (the compacted rows of a padded batch end in pads, which are not counted)."""
         if self._hooks:
             return self
-        for module in model.modules():
-            if isinstance(module, DeepseekV4TopKRouter) and hasattr(module, "e_score_correction_bias"):
-                self._hooks.append(module.register_forward_hook(self._count))
+        for block in model.modules():
+            gate = getattr(getattr(block, "mlp", None), "gate", None)
+            if isinstance(gate, DeepseekV4TopKRouter) and hasattr(gate, "e_score_correction_bias"):
+                remember = functools.partial(self._remember_rows, gate)
+                self._hooks.append(block.register_forward_pre_hook(remember, with_kwargs=True))
+                self._hooks.append(gate.register_forward_hook(self._count))
         return self
+
+    def _remember_rows(self, gate: nn.Module, block: nn.Module, args, kwargs) -> None:
+        meta = next((a for a in (*args, *kwargs.values()) if isinstance(a, BatchMeta)), None)
+        self._real[gate] = None if meta is None else (meta.lengths, meta.positions.shape[-1])
 
     def detach(self) -> None:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
         self._counts.clear()
+        self._real.clear()
 
     def _count(self, module: nn.Module, args, output) -> None:
         if not module.training:
             return
         indices = output[-1]
+        rows = self._real.get(module)
+        if rows is not None and rows[0].numel() * rows[1] == indices.shape[0]:  # [B * S, K]: drop the pad slots
+            lengths, seq_len = rows
+            real = torch.arange(seq_len, device=indices.device) < lengths.to(indices.device).unsqueeze(1)
+            indices = indices[real.reshape(-1)]
         # recomputation under gradient checkpointing counts a layer twice: every expert alike, the signs unchanged
         load = torch.bincount(indices.reshape(-1), minlength=module.num_experts).to(torch.float32)
         self._counts[module] = self._counts.get(module, 0) + load

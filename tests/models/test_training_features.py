@@ -153,3 +153,21 @@ def test_indexer_alignment_loss_survives_gradient_checkpointing():
         out.indexer_loss.backward()
         grads.append(model.model.layers[2].self_attn.compressor.indexer.q_b_proj.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+
+
+def test_bias_balancing_counts_real_tokens_only():
+    model = tiny_model().train()
+    counts = {}
+    for padded in (False, True):
+        balancer = ExpertBiasBalancer(speed=0.1).attach(model)
+        if padded:  # the same two rows, right-padded with 12 pad slots each
+            ids = torch.cat([IDS, torch.full((2, 12), 5)], dim=1)
+            mask = torch.cat([torch.ones_like(IDS), torch.zeros(2, 12, dtype=torch.long)], dim=1)
+            model(ids, attention_mask=mask)
+        else:
+            model(IDS)
+        counts[padded] = {g: c.clone() for g, c in balancer._counts.items()}
+        balancer.detach()
+    assert counts[True].keys() == counts[False].keys() and counts[True]
+    for gate, load in counts[False].items():
+        assert torch.equal(counts[True][gate], load)
