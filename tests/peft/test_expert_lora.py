@@ -250,3 +250,54 @@ def test_all_linear_wraps_exactly_the_modules_that_receive_gradients():
     skipped = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear and n not in wrapped]
     skipped = [n for n in skipped if ".lora_" not in n and ".base_layer" not in n]
     assert skipped and all(".indexer." in n or ".mtp." in n or n.endswith("lm_head") for n in skipped), skipped
+
+
+def test_merged_fp4_adapter_exports_to_the_official_layout_unchanged(tmp_path):
+    """Official FP4 base -> grouped LoRA -> merge into the FP4 banks -> save -> dsv4-convert to-official -> back:
+    the same bytes and logits as the merged model."""
+    from modeling_deepseek_v4 import DeepseekV4ExtForCausalLM
+    from modeling_deepseek_v4.conversion.to_official import convert_plugin_to_official
+    from modeling_deepseek_v4.conversion.to_plugin import convert_official_to_plugin
+
+    model = quantize_model(_model(), weights="fp8", experts="fp4")
+    with torch.no_grad():  # the official layout stores the dense tensors in BF16
+        for p in model.parameters():
+            p.copy_(p.bfloat16())
+    merged = _ours(model).merge_and_unload()
+    assert type(merged.model.layers[0].mlp.experts).__name__ == "DeepseekV4QuantizedExperts"
+    with torch.no_grad():
+        expected = merged(PROMPT).logits
+    merged.save_pretrained(tmp_path / "merged")
+    convert_plugin_to_official(tmp_path / "merged", tmp_path / "official", progress=False)
+    convert_official_to_plugin(tmp_path / "official", tmp_path / "back", dtype="keep", progress=False)
+    chunks = {"attn_chunk_size": 16, "indexer_chunk_size": 16}  # the tiny config's (the converter writes defaults)
+    back = DeepseekV4ExtForCausalLM.from_pretrained(tmp_path / "back", dtype=torch.float32, **chunks).eval()
+    with torch.no_grad():
+        assert torch.equal(back(PROMPT).logits, expected)
+
+
+def test_qlora_on_nf4_experts_trains_with_trainer_and_gradient_checkpointing(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from tests.quantization.test_bnb import BNB_OK, BNB_REASON, load_4bit
+
+    if not BNB_OK:
+        pytest.skip(BNB_REASON)
+    folder = tmp_path / "dense"
+    _model(q_lora_rank=64, o_lora_rank=32, moe_intermediate_size=64).save_pretrained(folder)
+    model = peft.prepare_model_for_kbit_training(load_4bit(folder), use_gradient_checkpointing=True)
+    targets = ["q_a_proj", "o_a_proj", "experts"]
+    model = get_peft_model(model, expert_lora_config(r=4, lora_alpha=8, target_modules=targets))
+    assert any(type(m).__name__ == "DeepseekV4Bnb4bitExperts" for m in model.modules())
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    rows = [{"input_ids": r, "labels": r} for r in PROMPT.repeat(2, 1).tolist()]
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
+        gradient_checkpointing=True, report_to=[], use_cpu=True, save_strategy="no", logging_steps=1,
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=rows)
+    trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(v)) for v in losses)
+    moved = [n for n, p in model.named_parameters() if n in before and not torch.equal(p, before[n])]
+    assert any("experts.lora_B" in n for n in moved) and any("o_a_proj.lora_B" in n for n in moved)
