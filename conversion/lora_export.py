@@ -398,6 +398,12 @@ def export_lora(src_dir, dst_dir, layout: str = "vllm", *, wo_a: str = "stacked"
     dst = Path(dst_dir)
     _check_destination(dst)
     adapter = _read_adapter(Path(src_dir))
+    if (adapter.config.get("rank_pattern") or {}).get("experts.shared"):
+        raise ConversionError(
+            f"{adapter.folder}: this adapter shares one expert LoRA pair across all experts "
+            "(rank_pattern experts.shared), which the engines' per-expert layouts cannot express without the expert "
+            "count; merge it instead (merge_and_unload, then dsv4-convert to-official)."
+        )
     modules = _our_modules(adapter)
     stages = 1 + max((int(m[1]) for p in modules if (m := _DSPARK.match(p))), default=-1)
     dropped = sorted(p for p, mod in modules.items() if mod.kind == "grouped") if wo_a == "drop" else []

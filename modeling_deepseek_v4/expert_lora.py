@@ -11,7 +11,8 @@ reads it. Factors, per adapter:
 - `o_a_proj`: `lora_A.<adapter>.weight [g, r, H * D / g]`, `lora_B.<adapter>.weight [g, d_g, r]` (one pair per group,
   so groups never mix).
 Ranks: `LoraConfig.r`, or per projection with `rank_pattern={"experts.down_proj": 8}` (a key no module name
-matches, so PEFT itself ignores it; it is saved with the adapter).
+matches, so PEFT itself ignores it; it is saved with the adapter). `rank_pattern={"experts.shared": 1}` shares one
+A / B pair across all experts (factors `[1, ...]`).
 
 Merging: dense banks add `s * B_e A_e` in place (exact inverse on unmerge up to rounding). Quantized banks are
 dequantized, merged and re-quantized with the format's official rules; `merge_report` says how many blocks changed
@@ -65,6 +66,12 @@ def _rank(config, projection: str, default: int) -> int:
         if key == projection or key.endswith("." + projection):
             return value
     return default
+
+
+def shared_expert_factors(config) -> bool:
+    """Whether `config` asks for one A / B pair shared by all experts: `rank_pattern={"experts.shared": 1}` (a key no
+    module name matches, so PEFT ignores it; saved with the adapter). Default: a pair per expert."""
+    return bool((config.rank_pattern or {}).get("experts.shared", 0))
 
 
 def _check_config(config, layer: str) -> None:
@@ -185,7 +192,9 @@ class _GroupedLoraLayer(nn.Module, LoraLayer):
         if not stored:
             for name, delta in deltas.items():
                 weight = getattr(base, name)
-                weight.add_(delta.to(weight.dtype).view_as(weight), alpha=sign)
+                delta = delta.to(weight.dtype)
+                # shared expert factors give one [1, out, in] delta for the whole [E, out, in] bank
+                weight.add_(delta.expand_as(weight) if delta.shape != weight.shape else delta, alpha=sign)
             return
         if self._quantized_backup is None:
             self._quantized_backup = {n: getattr(base, n).clone() for n in stored}
@@ -209,6 +218,8 @@ class DeepseekV4ExpertsLora(_GroupedLoraLayer):
     def _shapes(self, config, r: int):
         gate_up, down = self.get_base_layer().expert_banks(torch.float32)
         (e, two_i, d), inter = gate_up.shape, down.shape[-1]
+        if shared_expert_factors(config):
+            e = 1  # one A / B pair for every expert (the experts op broadcasts a leading 1)
         ranks = {name: _rank(config, f"experts.{name}", r) for name in self.base_names}
         shapes_a = {"gate_up_proj": (e, ranks["gate_up_proj"], d), "down_proj": (e, ranks["down_proj"], inter)}
         shapes_b = {"gate_up_proj": (e, two_i, ranks["gate_up_proj"]), "down_proj": (e, d, ranks["down_proj"])}

@@ -301,3 +301,30 @@ def test_qlora_on_nf4_experts_trains_with_trainer_and_gradient_checkpointing(tmp
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(v)) for v in losses)
     moved = [n for n, p in model.named_parameters() if n in before and not torch.equal(p, before[n])]
     assert any("experts.lora_B" in n for n in moved) and any("o_a_proj.lora_B" in n for n in moved)
+
+
+def test_shared_expert_factors_equal_per_expert_copies_and_merge(tmp_path):
+    shared = _ours(_model(), rank_pattern={"experts.shared": 1})
+    layer = _lora_layers(shared)[0]
+    assert layer.lora_A["default"].gate_up_proj.shape[0] == 1 and layer.lora_B["default"].down_proj.shape[0] == 1
+    copies = _ours(_model())
+    with torch.no_grad():
+        for a, b in zip(_lora_layers(shared), _lora_layers(copies)):
+            for side in ("lora_A", "lora_B"):
+                for name, param in getattr(b, side)["default"].named_parameters():
+                    param.copy_(getattr(getattr(a, side)["default"], name).expand_as(param))
+        expected = copies(PROMPT).logits
+        torch.testing.assert_close(shared(PROMPT).logits, expected, atol=1e-5, rtol=1e-5)
+        shared.merge_adapter()
+        torch.testing.assert_close(shared(PROMPT).logits, expected, atol=2e-5, rtol=1e-5)
+        shared.unmerge_adapter()
+    shared.save_pretrained(tmp_path / "shared")
+    assert (
+        _lora_layers(load_expert_lora(_model(), tmp_path / "shared"))[0].lora_A["default"].gate_up_proj.shape[0] == 1
+    )
+    from modeling_deepseek_v4.conversion.checkpoint import ConversionError
+    from modeling_deepseek_v4.conversion.lora_export import export_lora
+
+    with pytest.raises(ConversionError, match="shares one expert LoRA pair"):
+        export_lora(tmp_path / "shared", tmp_path / "vllm")
+    assert not (tmp_path / "vllm").exists()
