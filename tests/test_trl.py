@@ -168,3 +168,38 @@ def test_sft_trainer_packed_documents_train_as_if_alone(tmp_path):
         target = labels[a + 1 : b]
         expected = alone.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (target != -100)
         torch.testing.assert_close(fused.log_probs[0, a : b - 1], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_dpo_and_sft_train_the_grouped_expert_lora(tmp_path):
+    """TRL with `peft_config=expert_lora_config(...)`: the grouped expert / o_a_proj LoRA trains under DPO (the
+    reference is the policy with adapters disabled) and SFT, the base weights stay."""
+    pytest.importorskip("peft")
+    from modeling_deepseek_v4.expert_lora import expert_lora_config
+
+    config = expert_lora_config(r=4, lora_alpha=8, target_modules=["q_a_proj", "o_a_proj", "experts"])
+    prompts = sentences(4, range(3, 6), seed=1)
+    chosen = [" " + s for s in sentences(4, range(2, 5), seed=2)]
+    rejected = [" " + s for s in sentences(4, range(2, 5), seed=3)]
+    runs = {
+        "dpo": lambda model: trl.DPOTrainer(
+            model=model, args=cpu_args(trl.DPOConfig, tmp_path / "dpo"), processing_class=tiny_tokenizer(),
+            train_dataset=datasets.Dataset.from_dict({"prompt": prompts, "chosen": chosen, "rejected": rejected}),
+            peft_config=config,
+        ),
+        "sft": lambda model: trl.SFTTrainer(
+            model=model, args=cpu_args(trl.SFTConfig, tmp_path / "sft"), processing_class=tiny_tokenizer(),
+            train_dataset=datasets.Dataset.from_dict({"text": sentences(8, range(5, 9))}), peft_config=config,
+        ),
+    }  # fmt: skip
+    for name, build in runs.items():
+        trainer = build(tiny_model())
+        model = trainer.model
+        lora_b = {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_B." in n}
+        base = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+        assert any(".experts.lora_B." in n for n in lora_b) and any(".o_a_proj.lora_B." in n for n in lora_b)
+        trainer.train()
+        losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+        assert losses and all(math.isfinite(v) for v in losses), name
+        params = dict(model.named_parameters())
+        assert any(not torch.equal(params[n], v) for n, v in lora_b.items() if ".experts." in n), name
+        assert all(torch.equal(params[n], v) for n, v in base.items()), name
