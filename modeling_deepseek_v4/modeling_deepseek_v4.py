@@ -343,10 +343,14 @@ class DeepseekV4ExtForCausalLM(DeepseekV4GenerationHooks, DeepseekV4ExtPreTraine
         )
         warn_ignored_requests(self.config, kwargs)
         train_mtp = labels is not None and self.config.mtp_loss_weight > 0 and len(self.model.mtp) > 0
-        if train_mtp and spans is not None:
-            raise ValueError(
-                "mtp_loss_weight > 0 is not supported with packed sequences yet: pass one document per row."
-            )
+        if train_mtp and spans is not None:  # the MTP head reads whole documents: run them as rows, repack
+            if not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
+                raise ValueError("Packed sequences with mtp_loss_weight > 0 need every logit: keep logits_to_keep=0.")
+            return forward_packed(
+                self, spans, input_ids, inputs_embeds, pick_cache(cache, past_key_values), use_cache, labels=labels,
+                output_hidden_states=output_hidden_states, output_router_logits=output_router_logits,
+                return_streams=return_streams, **kwargs,
+            )  # fmt: skip
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

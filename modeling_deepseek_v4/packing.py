@@ -83,9 +83,10 @@ def mask_document_starts(labels: torch.Tensor, spans: list[tuple[int, int, int]]
     return labels
 
 
-def forward_packed(model, spans, input_ids, inputs_embeds, cache, use_cache, **kwargs):
-    """`DeepseekV4ExtModel.forward` of a packed batch: each document as its own right-padded row, then every
-    per-token output (`last_hidden_state`, `hidden_states`, `last_streams`, `router_logits`) back at its packed
+def forward_packed(model, spans, input_ids, inputs_embeds, cache, use_cache, labels=None, **kwargs):
+    """`forward` of a packed batch (`DeepseekV4ExtModel`, or the causal LM when it needs whole documents, as the MTP
+    loss does): each document as its own right-padded row (`labels` padded with -100), then every per-token output
+    (`last_hidden_state` / `logits`, `hidden_states`, `last_streams`, `router_logits`) back at its packed
     position. Training forwards only (no cache)."""
     if cache is not None or use_cache:
         raise ValueError(
@@ -97,6 +98,8 @@ def forward_packed(model, spans, input_ids, inputs_embeds, cache, use_cache, **k
     ref = input_ids if input_ids is not None else inputs_embeds
     b, s = ref.shape[:2]
     mask = unpack(torch.ones(b, s, dtype=torch.long, device=ref.device), spans, 0)
+    if labels is not None:
+        kwargs["labels"] = unpack(labels, spans, -100)
     out = model(
         input_ids=unpack(input_ids, spans, 0),
         attention_mask=mask,
@@ -106,7 +109,9 @@ def forward_packed(model, spans, input_ids, inputs_embeds, cache, use_cache, **k
         **kwargs,
     )
     n, longest = mask.shape
-    out.last_hidden_state = repack(out.last_hidden_state, spans, b, s)
+    for name in ("last_hidden_state", "logits"):
+        if getattr(out, name, None) is not None:
+            setattr(out, name, repack(getattr(out, name), spans, b, s))
     if out.hidden_states is not None:
         out.hidden_states = tuple(repack(h, spans, b, s) for h in out.hidden_states)
     out.last_streams = repack(out.last_streams, spans, b, s)

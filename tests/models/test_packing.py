@@ -62,9 +62,20 @@ def test_packed_batches_are_for_training_forwards():
     ids, positions, _ = _packed(_docs())
     with pytest.raises(ValueError, match="use_cache=False"):
         model(input_ids=ids, position_ids=positions, use_cache=True)
+
+
+def test_packed_documents_get_the_mtp_loss_they_get_as_rows():
+    model = tiny_model()
     model.config.mtp_loss_weight = 0.5
-    with pytest.raises(ValueError, match="packed"):
-        model(input_ids=ids, position_ids=positions, labels=ids)
+    docs = _docs()
+    ids, positions, labels = _packed(docs)
+    packed = model(input_ids=ids, position_ids=positions, labels=labels)
+    batch = torch.nn.utils.rnn.pad_sequence(docs, batch_first=True)
+    mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(d) for d in docs], batch_first=True)
+    rows = model(input_ids=batch, attention_mask=mask, labels=batch.masked_fill(mask == 0, -100))
+    torch.testing.assert_close(packed.mtp_loss, rows.mtp_loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed.loss, rows.loss, atol=1e-5, rtol=1e-5)
+    assert packed.logits.shape[:2] == ids.shape
 
 
 def test_boundary_predictions_are_masked_even_when_labels_are_not():
