@@ -54,3 +54,42 @@ def test_ddp_with_activation_checkpointing_keeps_replicas_identical(tmp_path):
         assert result["same"], "the replicas diverged"
         assert all(torch.isfinite(torch.tensor(result["losses"])))
     assert results[0]["losses"] != results[1]["losses"]  # different data per rank, yet identical weights
+
+
+def _balance(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from modeling_deepseek_v4.training_callbacks import ExpertBiasBalancer
+        from tests.conftest import tiny_model
+
+        model = tiny_model().train()
+        balancer = ExpertBiasBalancer(speed=0.01).attach(model)
+        ids = torch.randint(2, 97, (4, 40), generator=torch.Generator().manual_seed(7))
+        for micro in ids[rank * 2 : rank * 2 + 2].split(1):  # this rank's half, two accumulation micro-batches
+            model(input_ids=micro)
+        balancer.update()
+        biases = [m.e_score_correction_bias.clone() for m in model.modules() if hasattr(m, "e_score_correction_bias")]
+        torch.save(biases, f"{out}/bias{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_bias_balancing_uses_the_global_load_under_data_parallelism(tmp_path):
+    """Two ranks, each with half of a batch in two micro-batches: both end with the biases one process computes from
+    the whole batch (the load is summed over ranks and accumulation before the update)."""
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with the gloo backend is not available in this build")
+    from modeling_deepseek_v4.training_callbacks import ExpertBiasBalancer
+    from tests.conftest import tiny_model
+
+    mp.spawn(_balance, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    model = tiny_model().train()
+    balancer = ExpertBiasBalancer(speed=0.01).attach(model)
+    model(input_ids=torch.randint(2, 97, (4, 40), generator=torch.Generator().manual_seed(7)))
+    balancer.update()
+    expected = [m.e_score_correction_bias for m in model.modules() if hasattr(m, "e_score_correction_bias")]
+    for rank in range(2):
+        got = torch.load(tmp_path / f"bias{rank}.pt")
+        assert len(got) == len(expected) and all(torch.equal(g, e) for g, e in zip(got, expected))
