@@ -120,6 +120,7 @@ class DeepseekV4Attention(nn.Module):
             keys = self._window_keys(kv, meta, cache)
 
         compressed, topk_idx, ratio = None, None, 0
+        self.indexer_kl = None
         if self.compressor is not None:
             # Through the compressor's and the indexer's own forward (never a helper method): accelerate's offload
             # hooks, PEFT and FSDP wrap `forward`, so that is where their tensors are loaded (hf-integration.md §12).

@@ -38,7 +38,6 @@ class DeepseekV4DecoderLayer(GradientCheckpointingLayer):
         **kwargs,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         collapsed, post, comb = self.attn_hc(hidden_states)
-        self.self_attn.indexer_kl = None
         attn_out = self.self_attn(self.input_layernorm(collapsed), meta, layer_cache)
         hidden_states = self.attn_hc.expand(attn_out, hidden_states, post, comb)
         collapsed, post, comb = self.ffn_hc(hidden_states)

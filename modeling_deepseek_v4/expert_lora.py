@@ -196,9 +196,9 @@ class _GroupedLoraLayer(nn.Module, LoraLayer):
                 # shared expert factors give one [1, out, in] delta for the whole [E, out, in] bank
                 weight.add_(delta.expand_as(weight) if delta.shape != weight.shape else delta, alpha=sign)
             return
-        if self._quantized_backup is None:
-            self._quantized_backup = {n: getattr(base, n).clone() for n in stored}
         before = {n: getattr(base, n).clone() for n in stored}
+        if self._quantized_backup is None:  # the bytes before the first merge: what unmerge restores
+            self._quantized_backup = before
         self._requantize(base, deltas)
         changed = sum(
             int((getattr(base, n) != before[n]).reshape(before[n].shape[0], -1).any(-1).sum()) for n in stored

@@ -2,6 +2,7 @@
 stay identical. DDP needs `find_unused_parameters=True` (Trainer: `ddp_find_unused_parameters=True`) for this model:
 the MTP block takes no part in the main loss, and a routed expert that gets no token in a step gets no gradient."""
 
+import contextlib
 import os
 import socket
 
@@ -17,11 +18,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _train(rank: int, world: int, port: int, out: str) -> None:
+@contextlib.contextmanager
+def _process_group(rank: int, world: int, port: int):
+    """This spawned process as `rank` of a gloo group on localhost:`port`, torn down on exit."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _train(rank: int, world: int, port: int, out: str) -> None:
+    with _process_group(rank, world, port):
         from tests.conftest import tiny_model
 
         model = tiny_model().train()
@@ -41,8 +51,6 @@ def _train(rank: int, world: int, port: int, out: str) -> None:
         gathered = [torch.empty_like(flat) for _ in range(world)]
         dist.all_gather(gathered, flat)
         torch.save({"losses": losses, "same": bool(torch.equal(gathered[0], gathered[1]))}, f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ddp_with_activation_checkpointing_keeps_replicas_identical(tmp_path):
@@ -57,10 +65,7 @@ def test_ddp_with_activation_checkpointing_keeps_replicas_identical(tmp_path):
 
 
 def _balance(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with _process_group(rank, world, port):
         from modeling_deepseek_v4.training_callbacks import ExpertBiasBalancer
         from tests.conftest import tiny_model
 
@@ -72,8 +77,6 @@ def _balance(rank: int, world: int, port: int, out: str) -> None:
         balancer.update()
         biases = [m.e_score_correction_bias.clone() for m in model.modules() if hasattr(m, "e_score_correction_bias")]
         torch.save(biases, f"{out}/bias{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_bias_balancing_uses_the_global_load_under_data_parallelism(tmp_path):
