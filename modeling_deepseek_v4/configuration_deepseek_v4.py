@@ -137,8 +137,8 @@ class DeepseekV4ExtConfig(PreTrainedConfig):
     MoE: `n_routed_experts` (aliases `num_local_experts`, `num_experts`), `n_shared_experts` (0 or 1),
         `num_experts_per_tok`, `scoring_func`, `norm_topk_prob`, `routed_scaling_factor`, `swiglu_limit`, `hidden_act`,
         `mlp_bias`, `num_hash_layers` (leading hash-routed layers; None resolves to min(3, num_hidden_layers); a
-        native `mlp_layer_types` kwarg folds into it), `output_router_logits`, `router_aux_loss_coef`,
-        `router_jitter_noise`.
+        native `mlp_layer_types` kwarg folds into it), `output_router_logits`, `router_aux_loss_coef`, `seq_aux`
+        (the balance loss per sequence, DeepSeek's, or over the whole batch; `losses.py`), `router_jitter_noise`.
     MTP: `num_nextn_predict_layers`; `mtp_loss_weight` (training: with `labels`, add this weight x the MTP block's
         next-next-token loss, reported as `mtp_loss`; 0 = off). `indexer_loss_weight` (training: > 0 adds the
         indexer alignment KL of the CSA layers, `indexer_alignment.py`, reported as `indexer_loss`; 0 = off).
@@ -212,6 +212,7 @@ class DeepseekV4ExtConfig(PreTrainedConfig):
 
     output_router_logits: bool = False
     router_aux_loss_coef: float = 0.001
+    seq_aux: bool = True
     router_jitter_noise: float = 0.0
 
     hidden_act: str = "silu"

@@ -328,12 +328,46 @@ def expert_lora_config(**kwargs):
     return register_lora_layers(LoraConfig(**kwargs))
 
 
+def prepare_lora_config(config):
+    """What `expert_lora_config` does, applied to a config the user built: a PEFT `LoraConfig` gets the grouped LoRA
+    layers registered (in place) and `target_modules="all-linear"` becomes `all_linear_targets()`; any other PEFT
+    config is returned as is. `model.add_adapter` / `load_adapter` pass their config through it."""
+    if LoraConfig is None or not isinstance(config, LoraConfig):
+        return config
+    if isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear":
+        config.target_modules = all_linear_targets()
+    return register_lora_layers(config)
+
+
 def load_expert_lora(model, path, **kwargs):
     """`PeftModel.from_pretrained(model, path, **kwargs)` for adapters with grouped LoRA layers (the saved config
     cannot carry PEFT's custom-layer registration, so it is added here)."""
     _require_peft()
     config = register_lora_layers(LoraConfig.from_pretrained(path))
     return PeftModel.from_pretrained(model, path, config=config, **kwargs)
+
+
+def warn_untrained_lora_targets(model: nn.Module) -> list[str]:
+    """Warn about LoRA layers on modules no loss trains: the lightning indexer without `indexer_loss_weight` and the
+    MTP block without `mtp_loss_weight`. A plain `LoraConfig(target_modules="all-linear")` puts them there (PEFT
+    expands "all-linear" by module type); their factors would stay at their initial values. Returns the names found."""
+    if LoraConfig is None:  # no PEFT, no LoRA layers (and `LoraLayer` is a placeholder)
+        return []
+    config = getattr(model, "config", None)
+    silent = [part for part, weight in ((".indexer.", "indexer_loss_weight"), (".mtp.", "mtp_loss_weight"))
+              if not getattr(config, weight, 0)]  # fmt: skip
+    names = [name for name, module in model.named_modules()
+             if isinstance(module, LoraLayer) and any(part in f".{name}." for part in silent)]  # fmt: skip
+    if names:
+        logger.warning(
+            "%d LoRA layers sit on modules that no loss trains (e.g. %s): the lightning indexer learns only from "
+            "`indexer_loss_weight` and the MTP block only from `mtp_loss_weight`, both 0 here. Their factors will not "
+            "change. Target `modeling_deepseek_v4.all_linear_targets()` (what `expert_lora_config(target_modules="
+            "'all-linear')` uses) instead of PEFT's 'all-linear', or set those loss weights.",
+            len(names),
+            names[0],
+        )
+    return names
 
 
 @torch.no_grad()
@@ -373,5 +407,7 @@ __all__ = [
     "densify_lora_bases",
     "expert_lora_config",
     "load_expert_lora",
+    "prepare_lora_config",
     "register_lora_layers",
+    "warn_untrained_lora_targets",
 ]

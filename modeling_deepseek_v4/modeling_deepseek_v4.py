@@ -33,6 +33,7 @@ from .compressor import DeepseekV4HCACompressor
 from .configuration_deepseek_v4 import DeepseekV4ExtConfig
 from .decoder_layer import DeepseekV4DecoderLayer, DeepseekV4MTPLayer
 from .dspark import DeepseekV4DSparkDrafter
+from .expert_lora import warn_untrained_lora_targets
 from .generation_hooks import DeepseekV4GenerationHooks
 from .hyper_connection import DeepseekV4HyperConnection, DeepseekV4HyperHead
 from .losses import router_balance_loss
@@ -335,6 +336,9 @@ class DeepseekV4ExtForCausalLM(DeepseekV4GenerationHooks, DeepseekV4ExtPreTraine
         micro-batch's share of those tokens so accumulation matches one large batch. `return_streams` (MTP
         speculation): True puts the final streams `[B, S, n, d]` on the output as `last_streams`, an int n > 0
         only those of the last n positions."""
+        if self.training and not self.__dict__.get("_lora_targets_checked") and not torch.compiler.is_compiling():
+            self._lora_targets_checked = True  # once: LoRA layers are in place before the first training step
+            warn_untrained_lora_targets(self)
         spans = packed_spans(position_ids, attention_mask, kwargs)
         if spans is not None and labels is not None:
             labels = mask_document_starts(labels, spans)  # never predict a document from the one before it
@@ -373,7 +377,10 @@ class DeepseekV4ExtForCausalLM(DeepseekV4GenerationHooks, DeepseekV4ExtPreTraine
         if labels is not None:
             loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
         if output_router_logits and outputs.router_logits:
-            aux_loss = router_balance_loss(outputs.router_logits, self.config.num_experts_per_tok, attention_mask)
+            aux_loss = router_balance_loss(
+                outputs.router_logits, self.config.num_experts_per_tok, attention_mask, logits.shape[0],
+                per_sequence=self.config.seq_aux,
+            )  # fmt: skip
             if loss is not None:
                 share = 1.0
                 num_items = kwargs.get("num_items_in_batch")

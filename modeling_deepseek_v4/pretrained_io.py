@@ -5,8 +5,9 @@
 - `save_pretrained`: the custom-code folder is complete (hf-integration.md §5): `auto_map` for AutoConfig,
   AutoModel and AutoModelForCausalLM (transformers writes one model class per save) and a `requirements.txt`, both
   written through a temporary file and renamed;
-- `add_adapter` / `load_adapter`: transformers >= 5.24 needs PEFT >= 0.22 for them; the error then says what works
-  with the installed PEFT (`compat.peft_version_hint`);
+- `add_adapter` / `load_adapter`: the grouped LoRA layers of `expert_lora.py` are registered on the `LoraConfig`
+  (PEFT does not save that registration); transformers >= 5.24 needs PEFT >= 0.22 for them, and the error then says
+  what works with the installed PEFT (`compat.peft_version_hint`);
 - `resize_token_embeddings`: the hash-routed layers' `tid2eid [vocab, K]` tables follow the vocabulary;
 - `num_parameters`: weights kept quantized (FP8 / packed FP4 buffers, not parameters) are counted as weights.
 """
@@ -111,17 +112,39 @@ class DeepseekV4PretrainedIO:
                         count += buf.numel() * (2 if buf.dtype in (torch.int8, torch.uint8) else 1)
         return count
 
-    def add_adapter(self, *args, **kwargs):
-        """transformers' `add_adapter`; with a PEFT too old for this transformers, the error names the PEFT calls
-        that work instead (`peft.get_peft_model`)."""
-        with peft_version_hint("add_adapter"):
-            return super().add_adapter(*args, **kwargs)
+    def add_adapter(self, adapter_config, adapter_name: str | None = None) -> None:
+        """transformers' `add_adapter`, with the grouped LoRA layers registered on a `LoraConfig` (so "experts" and
+        "o_a_proj" can be targeted, and "all-linear" means the modules the loss trains: `expert_lora.py`); with a
+        PEFT too old for this transformers, the error names the PEFT calls that work instead."""
+        from .expert_lora import prepare_lora_config
 
-    def load_adapter(self, *args, **kwargs):
-        """transformers' `load_adapter`; with a PEFT too old for this transformers, the error names the PEFT calls
-        that work instead (`peft.PeftModel.from_pretrained`)."""
+        with peft_version_hint("add_adapter"):
+            return super().add_adapter(prepare_lora_config(adapter_config), adapter_name)
+
+    def load_adapter(self, peft_model_id: str | None = None, adapter_name: str | None = None, peft_config=None,
+                     *args, **kwargs):  # fmt: skip
+        """transformers' `load_adapter` (also what `AutoModelForCausalLM.from_pretrained(<adapter folder>)` calls),
+        with the grouped LoRA layers registered on the adapter's `LoraConfig`: PEFT does not save that registration,
+        so a saved grouped adapter would otherwise be refused ("Target module ... is not supported"). With a PEFT too
+        old for this transformers, the error names the PEFT calls that work instead."""
+        from .expert_lora import prepare_lora_config
+
         with peft_version_hint("load_adapter"):
-            return super().load_adapter(*args, **kwargs)
+            if peft_config is None and peft_model_id is not None:
+                from peft import PeftConfig
+
+                # Read the adapter's config as transformers would (its download options plus `adapter_kwargs`);
+                # transformers applies `adapter_kwargs` to the weights' download only when it reads the config
+                # itself, so that is done here too.
+                load_config, adapter_kwargs = kwargs.get("load_config"), kwargs.get("adapter_kwargs") or {}
+                hub = {**(getattr(load_config, "download_kwargs", None) or {}), **adapter_kwargs}
+                peft_config = PeftConfig.from_pretrained(peft_model_id, **hub)
+                if load_config is not None:
+                    load_config.download_kwargs.update(adapter_kwargs)
+            return super().load_adapter(
+                peft_model_id, adapter_name, prepare_lora_config(peft_config) if peft_config is not None else None,
+                *args, **kwargs,
+            )  # fmt: skip
 
 
 # Official / native-saved tensor names (docs/official-format.md §6): `embed.weight`, `layers.N.attn.*`, `head.weight`.

@@ -171,3 +171,20 @@ def test_bias_balancing_counts_real_tokens_only():
     assert counts[True].keys() == counts[False].keys() and counts[True]
     for gate, load in counts[False].items():
         assert torch.equal(counts[True][gate], load)
+
+
+def test_sequence_wise_balance_loss_is_the_mean_of_each_sequences_own_loss():
+    """`seq_aux=True` (DeepSeek's complementary sequence-wise loss, the default): the batch's aux loss is the mean of
+    the loss each sequence gets alone (padding excluded); `seq_aux=False` pools the batch's tokens instead."""
+    ids = torch.randint(2, 97, (2, 40), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :12] = 0  # left padding
+    per_sequence, pooled = (
+        tiny_model(output_router_logits=True, seq_aux=flag).eval() for flag in (True, False)
+    )  # fmt: skip
+    with torch.no_grad():
+        batch = per_sequence(ids, attention_mask=mask).aux_loss
+        alone = [per_sequence(ids[:1]).aux_loss, per_sequence(ids[1:, 12:]).aux_loss]
+        pooled_loss = pooled(ids, attention_mask=mask).aux_loss
+    torch.testing.assert_close(batch, (alone[0] + alone[1]) / 2, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(pooled_loss, batch)

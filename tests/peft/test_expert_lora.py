@@ -328,3 +328,58 @@ def test_shared_expert_factors_equal_per_expert_copies_and_merge(tmp_path):
     with pytest.raises(ConversionError, match="shares one expert LoRA pair"):
         export_lora(tmp_path / "shared", tmp_path / "vllm")
     assert not (tmp_path / "vllm").exists()
+
+
+def test_plain_all_linear_lora_warns_about_modules_no_loss_trains(caplog):
+    """PEFT's own "all-linear" expands by module type and so wraps the indexer and MTP linears, which no loss trains
+    while their loss weights are 0: the first training forward says so (and what to target instead)."""
+    import logging
+
+    model = get_peft_model(_model(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with caplog.at_level(logging.WARNING, logger="modeling_deepseek_v4.expert_lora"):
+        _loss(model.train())
+    assert "no loss trains" in caplog.text and "all_linear_targets" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="modeling_deepseek_v4.expert_lora"):
+        _loss(get_peft_model(_model(), expert_lora_config(r=4, target_modules="all-linear")).train())
+        _loss(
+            get_peft_model(
+                _model(mtp_loss_weight=0.3, indexer_loss_weight=0.1),
+                LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
+            ).train()
+        )
+    assert "no loss trains" not in caplog.text
+
+
+def _transformers_adapter_api_or_skip():
+    model = _model()  # a throwaway: delete_adapter leaves the wrapped modules in place
+    try:
+        model.add_adapter(LoraConfig(r=2, target_modules=["q_a_proj"]), adapter_name="probe")
+    except ImportError as err:  # transformers >= 5.24 wants a newer PEFT than the newest release (compat.py)
+        pytest.skip(str(err).split(".")[0])
+
+
+def test_transformers_add_adapter_and_load_adapter_take_grouped_lora(tmp_path):
+    """`model.add_adapter(LoraConfig(...))`, `model.load_adapter(folder)` and `AutoModelForCausalLM.from_pretrained(
+    <adapter folder>)` (transformers' PEFT integration) register the grouped layers themselves: a saved grouped
+    adapter loads without `load_expert_lora` and gives the trained model's logits."""
+    from transformers import AutoModelForCausalLM
+
+    _transformers_adapter_api_or_skip()
+    base = _model()
+    base.save_pretrained(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    model.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    assert _lora_layers(model) and _lora_layers(model, DeepseekV4GroupedLinearLora)
+    assert not any(".indexer." in n or ".mtp." in n for n, m in model.named_modules() if hasattr(m, "lora_A"))
+    with torch.no_grad():
+        expected = model(PROMPT).logits
+    model.save_pretrained(tmp_path / "adapter")  # with adapters attached, transformers saves the adapter only
+
+    fresh = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    fresh.load_adapter(str(tmp_path / "adapter"))
+    from_folder = AutoModelForCausalLM.from_pretrained(tmp_path / "adapter")
+    for loaded in (fresh, from_folder):
+        assert _lora_layers(loaded)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(PROMPT).logits, expected)
