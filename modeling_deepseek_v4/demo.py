@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM
 
 from .configuration_deepseek_v4 import DeepseekV4ExtConfig
 from .modeling_deepseek_v4 import DeepseekV4ExtForCausalLM
+from .ops import backends_in_use
 
 
 def tiny_demo_config() -> DeepseekV4ExtConfig:
@@ -119,6 +120,8 @@ def run_demo(output_dir: str | None = None, new_tokens: int = 16, seed: int = 0)
         print("  MISMATCH: the converted weights are not exactly the FP8/FP4 checkpoint's values")
 
     generation = check_generation(loaded, new_tokens, seed)
+    ran = {op: info["last_used"] for op, info in backends_in_use().items() if info["last_used"]}
+    print(f"ops backends (op: backend of its latest call): {ran}")
     summary = {
         "parameters": n_params,
         "official_round_trip_exact": same,

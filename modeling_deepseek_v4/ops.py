@@ -78,6 +78,8 @@ class _Impl:
 _REGISTRY: dict[str, dict[str, _Impl]] = {}
 _FORCED: list[str] = []
 _LOGGED_FALLBACK: set[tuple[str, str]] = set()
+# op -> the backend that ran its latest eager call (`backends_in_use`); a compiled graph resolves inside its custom op.
+_LAST_USED: dict[str, str] = {}
 
 
 def _always(*args, **kwargs) -> bool:
@@ -103,6 +105,13 @@ def declare_backend(name: str) -> None:
         raise ValueError(f"Backend names are lower-case identifiers other than 'auto', got {name!r}.")
     if name not in BACKEND_PRIORITY:
         BACKEND_PRIORITY = (*BACKEND_PRIORITY[:-1], name, BACKEND_PRIORITY[-1])
+
+
+def backends_in_use() -> dict[str, dict[str, object]]:
+    """What runs where, to print or log: per op, the backends registered (priority order) and the one that ran its
+    latest call (None before the first), e.g. `{"sparse_attention": {"registered": ["triton", "reference"],
+    "last_used": "triton"}, ...}`."""
+    return {op: {"registered": available_backends(op), "last_used": _LAST_USED.get(op)} for op in _REGISTRY}
 
 
 def available_backends(op: str) -> list[str]:
@@ -148,6 +157,7 @@ def resolve(op: str, *args, backend: str | None = None, **kwargs) -> Callable:
                 f"(registered: {available_backends(op)}). For `triton`, install the `triton` extra and use CUDA "
                 f"tensors; or select the reference backend."
             )
+        _LAST_USED[op] = forced
         return impl.fn
     for name in BACKEND_PRIORITY:
         impl = impls.get(name)
@@ -155,6 +165,7 @@ def resolve(op: str, *args, backend: str | None = None, **kwargs) -> Callable:
             if name != BACKEND_PRIORITY[0] and (op, name) not in _LOGGED_FALLBACK and len(impls) > 1:
                 _LOGGED_FALLBACK.add((op, name))
                 logger.info("DeepSeek-V4 op %s runs on the %s backend for these inputs.", op, name)
+            _LAST_USED[op] = name
             return impl.fn
     raise RuntimeError(f"No backend can run op {op!r}.")
 

@@ -40,12 +40,48 @@ def triton_usable() -> bool:
     return True
 
 
-# A kernel file adds its entry, e.g.
-#   def _load_triton_rms_norm():
-#       from .triton_rms_norm import register_backend
-#       register_backend()
-#   OptionalBackend("triton", triton_usable, _load_triton_rms_norm)
-OPTIONAL_BACKENDS: tuple[OptionalBackend, ...] = ()
+# One entry per kernel file; the import sits inside the loader (the form `save_pretrained` copies to the Hub), so it
+# runs only when Triton is usable. Each file's `register_backend()` registers its ops under "triton".
+def _load_triton_norm_mhc() -> None:
+    from .triton_norm_mhc import register_backend
+
+    register_backend()
+
+
+def _load_triton_compressor() -> None:
+    from .triton_compressor import register_backend
+
+    register_backend()
+
+
+def _load_triton_indexer() -> None:
+    from .triton_indexer import register_backend
+
+    register_backend()
+
+
+def _load_triton_sparse_attention() -> None:
+    from .triton_sparse_attention import register_backend
+
+    register_backend()
+
+
+def _load_triton_experts() -> None:
+    from .triton_experts import register_backend
+
+    register_backend()
+
+
+OPTIONAL_BACKENDS: tuple[OptionalBackend, ...] = tuple(
+    OptionalBackend("triton", triton_usable, load)
+    for load in (
+        _load_triton_norm_mhc,
+        _load_triton_compressor,
+        _load_triton_indexer,
+        _load_triton_sparse_attention,
+        _load_triton_experts,
+    )
+)
 
 
 def load_backends(backends: Iterable[OptionalBackend] | None = None) -> list[str]:

@@ -74,6 +74,7 @@ def registry_restored() -> Iterator[None]:
     """Put the registry (backends, names, forced stack, fallback log) back as it was after the block."""
     saved = {op: dict(impls) for op, impls in ops._REGISTRY.items()}
     saved_priority, saved_forced, saved_logged = ops.BACKEND_PRIORITY, list(ops._FORCED), set(ops._LOGGED_FALLBACK)
+    saved_used = dict(ops._LAST_USED)
     try:
         yield
     finally:
@@ -83,6 +84,8 @@ def registry_restored() -> Iterator[None]:
         ops._FORCED[:] = saved_forced
         ops._LOGGED_FALLBACK.clear()
         ops._LOGGED_FALLBACK.update(saved_logged)
+        ops._LAST_USED.clear()
+        ops._LAST_USED.update(saved_used)
 
 
 @contextlib.contextmanager

@@ -51,8 +51,14 @@ def test_use_backend_reference():
     assert ops._FORCED == []
 
 
-def test_use_backend_triton_on_cpu_raises():
+def _float64_args():
+    # float64 (gradcheck inputs): no Triton kernel takes it, also where the interpreter runs kernels on the CPU
     x, w, eps = _args()
+    return x.double(), w.double(), eps
+
+
+def test_use_backend_triton_on_cpu_raises():
+    x, w, eps = _float64_args()
     with pytest.raises(RuntimeError, match="triton"):
         with ops.use_backend("triton"):
             ops.rms_norm(x, w, eps)
@@ -60,7 +66,7 @@ def test_use_backend_triton_on_cpu_raises():
 
 
 def test_env_var_triton_on_cpu_raises(monkeypatch):
-    x, w, eps = _args()
+    x, w, eps = _float64_args()
     monkeypatch.setenv(ops.BACKEND_ENV_VAR, "triton")
     with pytest.raises(RuntimeError, match="triton"):
         ops.rms_norm(x, w, eps)
@@ -153,3 +159,18 @@ def test_backends_get_required_arguments_by_position_and_defaults_by_name():
     kv = torch.randn(1, 4, 3)
     out = ops.compress_pool(kv, kv, 2)
     assert seen == [(3, ["overlap_kv", "overlap_score"])] and torch.equal(out, torch.zeros(1, 2, 3))
+
+
+def test_backends_in_use_shows_what_ran():
+    """The choice is visible: per op, the registered backends and the one its latest call ran on."""
+    x, w, eps = _args()
+    ops.register("rms_norm", "triton", _fake(7.0), lambda x, *args, **kwargs: x.shape[0] > 1)
+    ops.rms_norm(x, w, eps)
+    assert ops.backends_in_use()["rms_norm"] == {"registered": ["triton", "reference"], "last_used": "triton"}
+    ops.rms_norm(x[:1], w, eps)  # triton declines: auto falls back
+    assert ops.backends_in_use()["rms_norm"]["last_used"] == "reference"
+    ops.rms_norm(x, w, eps)
+    with ops.use_backend("reference"):
+        ops.rms_norm(x, w, eps)
+    assert ops.backends_in_use()["rms_norm"]["last_used"] == "reference"
+    assert set(ops.backends_in_use()) >= {"sparse_attention", "grouped_experts", "quantized_linear"}

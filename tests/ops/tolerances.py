@@ -2,7 +2,8 @@
 
 Kinds:
 - `EXACT`: integer outputs (top-k indices) are equal as sets per row (the op does not promise an order).
-- `RELATIVE_RMS`: norms, mHC, dense expert GEMMs: `||got - ref|| / ||ref|| <= bound`.
+- `RELATIVE_RMS`: norms, mHC, dense expert GEMMs: `||got - ref|| / ||ref|| <= bound`, or, when a tensor misses
+  that (a sum with cancellation), at most twice the reference's own relative error against float64, plus the bound.
 - `REFERENCE_ERROR`: attention and the compressor: `max|got - truth| <= 2 max|ref - truth| + floor`, `truth` being the
   reference in float64 on the same inputs: a backend may be at most twice as wrong as the reference itself in the
   same precision (flash-attention's rule).
@@ -60,7 +61,17 @@ def assert_parity(op: str, dtype: torch.dtype, what: str, got, ref, truth=None) 
             assert torch.equal(_sorted_rows(g), _sorted_rows(r)), label
         elif tol.kind == RELATIVE_RMS:
             err = (g.double() - r.double()).norm() / r.double().norm().clamp_min(1e-30)
-            assert err <= bound, f"{label}: relative RMS error {float(err):.3g} > {bound}"
+            if err > bound and t is not None:
+                # A sum with cancellation (the gradient of a scale over every token) can leave the reference itself
+                # that far from float64: then the backend may be at most twice as far from float64 as the reference.
+                norm = t.norm().clamp_min(1e-30)
+                got_err, ref_err = (g.double() - t).norm() / norm, (r.double() - t).norm() / norm
+                assert got_err <= 2 * ref_err + bound, (
+                    f"{label}: relative RMS error {float(err):.3g} > {bound}; against float64 "
+                    f"{float(got_err):.3g}, reference's {float(ref_err):.3g}"
+                )
+            else:
+                assert err <= bound, f"{label}: relative RMS error {float(err):.3g} > {bound}"
         else:
             got_err = (g.double() - t).abs().max()
             ref_err = (r.double() - t).abs().max()
