@@ -31,7 +31,9 @@ Design (flash-attention style, one kernel per direction):
 
 Block sizes (H200): BLOCK_D = block_size(D) (512 in V4), BLOCK_H = min(block_size(H), 64), BLOCK_Q fills M to 64
 (so one query per program with 64 heads), BLOCK_N = 32 keys for D >= 256 (a 64 x 512 fp32 accumulator plus a
-32 x 512 bf16 key tile fit with 8 warps), 64 below. The backward holds q, dO and dq: M = 32 for D >= 256.
+32 x 512 bf16 key tile fit with 8 warps), 64 below. The backward holds q, dO and dq: M = 32 for D >= 256. fp32
+inputs with D >= 256: M = 32, BLOCK_N = 16. Checked by compiling for sm_90 (not yet run on a GPU): with D = 512 and
+64 heads the shared memory is 97 / 113 KB (bf16 forward / backward) and 130 / 196 KB (fp32), under H200's 227 KB.
 """
 
 from __future__ import annotations
@@ -58,15 +60,18 @@ class Blocks:
     num_warps: int
 
 
-def choose_blocks(s: int, h: int, d: int, backward: bool) -> Blocks:
-    """Tile sizes for `[B, S, H, D]` queries (module docstring); tests replace it to force several tiles."""
+def choose_blocks(s: int, h: int, d: int, backward: bool, itemsize: int = 2) -> Blocks:
+    """Tile sizes for `[B, S, H, D]` queries of `itemsize`-byte elements (module docstring); tests replace it to
+    force several tiles. fp32 with D >= 256 halves M and the key tile (shared memory stays under 227 KB on H200:
+    the D = 512 fp32 tiles at the bf16 sizes would need 264 KB)."""
     block_d = block_size(d)
-    target_m = 32 if backward and block_d >= 256 else 64
+    wide = block_d >= 256
+    target_m = 32 if wide and (backward or itemsize > 2) else 64
     block_h = min(block_size(h, 1), target_m)
     # M >= 16 for tl.dot; no more queries than S (decode: S = 1 or 2).
     block_q = max(16 // block_h, min(target_m // block_h, block_size(s, 1)), 1)
-    block_n = 32 if block_d >= 256 else 64
-    return Blocks(block_h, block_q, max(block_n, block_q), block_d, 8 if block_d >= 256 else 4)
+    block_n = (16 if itemsize > 2 else 32) if wide else 64
+    return Blocks(block_h, block_q, max(block_n, block_q), block_d, 8 if wide else 4)
 
 
 # ------------------------------------------------------------------------------------------------ key tile helpers
@@ -304,7 +309,7 @@ class _SparseAttention(torch.autograd.Function):
         dims = (s, h, d, n_cached, window, n_comp, topk, max(ratio, 1))
         if out.numel():
             _launch(
-                _fwd_kernel, choose_blocks(s, h, d, backward=False), b, s, h, mode, q.dtype,
+                _fwd_kernel, choose_blocks(s, h, d, backward=False, itemsize=q.element_size()), b, s, h, mode, q.dtype,
                 q, window_kv, comp, idx, start, sinks, out, lse, *dims, scale * LOG2E,
             )  # fmt: skip
         out = out.to(q.dtype)
@@ -323,7 +328,7 @@ class _SparseAttention(torch.autograd.Function):
         dsink = torch.empty(b, s, h, dtype=torch.float32, device=q.device)
         if q.numel():
             _launch(
-                _bwd_kernel, choose_blocks(s, h, d, backward=True), b, s, h, mode, q.dtype,
+                _bwd_kernel, choose_blocks(s, h, d, backward=True, itemsize=q.element_size()), b, s, h, mode, q.dtype,
                 q, window_kv, comp, idx, start, sinks, out, lse, grad_out.contiguous().to(q.dtype),
                 dq, dkv, dcomp, dsink, *dims, scale * LOG2E, scale,
             )  # fmt: skip

@@ -3,9 +3,10 @@
 # each in its own fresh virtual environment; README "Tests" and .ci/run run exactly this. Prints pytest's summary per
 # lane, then a total line; exits non-zero if any version fails to install or has a failing test.
 # Lanes: the floor runs without Triton installed (the package must work without it); the newest installs the
-# `triton` extra and, beside its main suite (in parallel: each lane is one busy core), runs the Triton kernels through
-# Triton's CPU interpreter (`TRITON_INTERPRET=1`, tiny shapes) against the reference: every `tests/ops` test whose id
-# names triton (the parity harness's triton backend and `tests/ops/test_triton_*.py`).
+# `triton` extra and also runs the Triton kernels through Triton's CPU interpreter (`TRITON_INTERPRET=1`, tiny
+# shapes) against the reference: every `tests/ops` test whose id names triton (the parity harness's triton backend and
+# `tests/ops/test_triton_*.py`). The lanes run at the same time (the tests are single-threaded, CI has 2 cores); each
+# background lane's output is printed when it ends.
 # Widening the supported range: add the new release here, run this script, then raise the upper bound in
 # pyproject.toml and modeling_deepseek_v4/compat.py (tests/test_compat.py checks that the three agree).
 set -uo pipefail
@@ -17,6 +18,10 @@ NEWEST=${TRANSFORMERS_VERSIONS[-1]}
 status=0
 lines=()
 reports=()
+pids=()
+labels=()
+logs=()
+junits=()
 
 # record LABEL RC JUNIT: one summary line per lane; a missing report or a non-zero exit fails the run.
 record() {
@@ -32,6 +37,18 @@ record() {
     lines+=("$1: $counts (pytest exit $2)")
 }
 
+# lane LABEL LOG JUNIT [VAR=VALUE...] COMMAND...: start one pytest run in the background.
+lane() {
+    local label=$1 log=$2 junit=$3
+    shift 3
+    echo "=== $label: started (log $log) ==="
+    env "$@" --junitxml="$junit" >"$log" 2>&1 &
+    pids+=($!)
+    labels+=("$label")
+    logs+=("$log")
+    junits+=("$junit")
+}
+
 for version in "${TRANSFORMERS_VERSIONS[@]}"; do
     env=".venv-ci-$version"
     extras="dev"
@@ -45,23 +62,22 @@ for version in "${TRANSFORMERS_VERSIONS[@]}"; do
         status=1
         continue
     fi
-    interpret_pid=""
+    lane "transformers $version" "$env/tests.log" "$env/junit.xml" \
+        "$env/bin/python" -m pytest -q -m "not gpu" -p no:cacheprovider
     if [ "$version" = "$NEWEST" ]; then
-        echo "=== transformers $version: Triton interpreter lane (background, log in $env/interpret.log) ==="
-        TRITON_INTERPRET=1 "$env/bin/python" -m pytest -q -m "not gpu" -p no:cacheprovider tests/ops -k triton \
-            --junitxml="$env/junit-interpret.xml" >"$env/interpret.log" 2>&1 &
-        interpret_pid=$!
+        lane "transformers $version, Triton interpreter" "$env/interpret.log" "$env/junit-interpret.xml" \
+            TRITON_INTERPRET=1 "$env/bin/python" -m pytest -q -m "not gpu" -p no:cacheprovider \
+            tests/ops -k triton
     fi
-    echo "=== transformers $version: tests ==="
-    "$env/bin/python" -m pytest -q -m "not gpu" -p no:cacheprovider --junitxml="$env/junit.xml"
-    record "transformers $version" $? "$env/junit.xml"
-    if [ -n "$interpret_pid" ]; then
-        wait "$interpret_pid"
-        rc=$?
-        echo "=== transformers $version: Triton interpreter lane ==="
-        tail -n 30 "$env/interpret.log"
-        record "transformers $version, Triton interpreter" "$rc" "$env/junit-interpret.xml"
-    fi
+done
+
+for i in "${!pids[@]}"; do
+    wait "${pids[$i]}"
+    rc=$?
+    echo "=== ${labels[$i]}: finished (pytest exit $rc) ==="
+    # the whole log when something failed, else its last lines (the summary)
+    if [ "$rc" -ne 0 ]; then cat "${logs[$i]}"; else tail -n 15 "${logs[$i]}"; fi
+    record "${labels[$i]}" "$rc" "${junits[$i]}"
 done
 
 echo "=== summary ==="
