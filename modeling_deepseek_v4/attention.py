@@ -21,6 +21,7 @@ from .compressor import DeepseekV4CSACompressor, DeepseekV4HCACompressor
 from .indexer_alignment import indexer_alignment_kl
 from .norm import DeepseekV4RMSNorm
 from .ops import rms_norm, sparse_attention
+from .parallel_plans import refuse_buffer_weights
 from .reference_numerics import kv_fp8_roundtrip
 from .rope import apply_rope
 from .weight_formats import grouped_linear
@@ -50,8 +51,9 @@ class DeepseekV4GroupedLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features_per_group))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x `[..., g, H * D / g]` -> `[..., g * d_g]`."""
-        return grouped_linear(x, self.weight, self.n_groups)
+        """x `[..., g, H * D / g]` -> `[..., g * d_g]`. The group count is x's: under tensor parallelism
+        (parallel_plans.py) x and the weight rows hold this rank's groups only."""
+        return grouped_linear(x, self.weight, x.shape[-2])
 
     def extra_repr(self) -> str:
         return f"groups={self.n_groups}, in_per_group={self.in_features}, out={self.out_features}"
@@ -106,9 +108,11 @@ class DeepseekV4Attention(nn.Module):
         """x `[B, S, d]` (compacted batch, see `BatchMeta`) -> `[B, S, d]`; updates `cache` in place. With
         `meta.static` (one token per row on a `DeepseekV4StaticCache`) every shape is fixed (static_cache.py)."""
         b, s, _ = x.shape
+        refuse_buffer_weights(self.q_b_proj, self.o_a_proj, self.o_b_proj)
         cos, sin = meta.rope[self.rope_type]
         q_residual = self.q_a_norm(self.q_a_proj(x))
-        q = self.q_b_proj(q_residual).view(b, s, self.num_heads, self.head_dim)
+        # `-1` heads: under tensor parallelism `q_b_proj` (colwise) returns this rank's heads only (parallel_plans.py)
+        q = self.q_b_proj(q_residual).view(b, s, -1, self.head_dim)
         q = apply_rope(rms_norm(q, None, self.eps), cos, sin)
         kv = apply_rope(self.kv_norm(self.kv_proj(x)), cos, sin)
         if self.reference_numerics:
@@ -173,7 +177,14 @@ class DeepseekV4Attention(nn.Module):
             static_shapes=meta.static,
         )
         out = apply_rope(out, cos, sin, inverse=True)
-        return self.o_b_proj(self.o_a_proj(out.reshape(b, s, self.o_groups, -1)))
+        # This rank's groups of heads (all of them without tensor parallelism); a rank must hold whole groups.
+        if q.shape[2] % (self.num_heads // self.o_groups):
+            raise ValueError(
+                f"{q.shape[2]} of {self.num_heads} attention heads on this rank do not make whole groups of the "
+                f"grouped output projection ({self.o_groups} groups): tensor parallelism needs tp_size to divide "
+                "o_groups"
+            )
+        return self.o_b_proj(self.o_a_proj(out.reshape(b, s, -1, self.num_heads * self.head_dim // self.o_groups)))
 
     @staticmethod
     def _state(cache: DeepseekV4LayerCache | None, name: str, compressor, x: torch.Tensor):

@@ -32,8 +32,10 @@ from .compat import cache_kwargs, pick_cache, with_cache_aliases
 from .compressor import DeepseekV4HCACompressor
 from .configuration_deepseek_v4 import DeepseekV4ExtConfig
 from .decoder_layer import DeepseekV4DecoderLayer, DeepseekV4MTPLayer
+from .deepspeed_support import mark_zero3_leaf_modules
 from .dspark import DeepseekV4DSparkDrafter
 from .expert_lora import warn_untrained_lora_targets
+from .experts_interface import ExpertsImplementationMixin
 from .generation_hooks import DeepseekV4GenerationHooks
 from .hyper_connection import DeepseekV4HyperConnection, DeepseekV4HyperHead
 from .losses import router_balance_loss
@@ -76,7 +78,7 @@ class DeepseekV4CausalLMOutput(MoeCausalLMOutputWithPast):
     indexer_loss: torch.Tensor | None = None
 
 
-class DeepseekV4ExtPreTrainedModel(DeepseekV4PretrainedIO, PreTrainedModel):
+class DeepseekV4ExtPreTrainedModel(ExpertsImplementationMixin, DeepseekV4PretrainedIO, PreTrainedModel):
     config: DeepseekV4ExtConfig
     config_class = DeepseekV4ExtConfig
     base_model_prefix = "model"
@@ -117,6 +119,7 @@ class DeepseekV4ExtPreTrainedModel(DeepseekV4PretrainedIO, PreTrainedModel):
         """As transformers', and the fp32 islands stay fp32 when the model is built under a half default dtype
         (`from_pretrained` keeps `_keep_in_fp32_modules_strict` in fp32 itself; direct construction did not)."""
         super().post_init()
+        mark_zero3_leaf_modules(self)  # ZeRO-3: each MoE block gathers as one unit (deepspeed_support.py)
         if torch.get_default_dtype() in (torch.float16, torch.bfloat16):
             keep = re.compile("|".join(map(re.escape, self._keep_in_fp32_modules_strict)))
             for name, tensor in [*self.named_parameters(), *self.named_buffers()]:

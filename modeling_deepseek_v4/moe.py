@@ -8,6 +8,8 @@
 Names match transformers' native port: `mlp.gate.weight`, `mlp.gate.e_score_correction_bias` / `mlp.gate.tid2eid`,
 `mlp.experts.gate_up_proj [E, 2I, d]` (gate rows first), `mlp.experts.down_proj [E, d, I]`,
 `mlp.shared_experts.{gate,up,down}_proj`. Experts read their parameters at call time (PEFT, quantized modules).
+The routed experts also take transformers' `experts_implementation` (`eager` = this package's op, `grouped_mm`,
+`batched_mm`; `experts_interface.py`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .experts_interface import TransformersExpertsAttributes, transformers_experts_forward, warn_if_ignored
 from .ops import grouped_experts
+from .parallel_plans import refuse_buffer_weights
 
 _SCORE_FUNCTIONS = {
     "sqrtsoftplus": lambda logits: torch.sqrt(F.softplus(logits)),
@@ -74,11 +78,13 @@ class DeepseekV4HashRouter(DeepseekV4TopKRouter):
         return self.tid2eid[input_ids.reshape(-1)].long()
 
 
-class DeepseekV4Experts(nn.Module):
-    """Routed experts stored as 3-D tensors (`gate_up_proj [E, 2I, d]`, `down_proj [E, d, I]`)."""
+class DeepseekV4Experts(TransformersExpertsAttributes, nn.Module):
+    """Routed experts stored as 3-D tensors (`gate_up_proj [E, 2I, d]`, `down_proj [E, d, I]`). `forward` dispatches
+    on `config._experts_implementation` at call time, like transformers' `@use_experts_implementation` classes."""
 
     def __init__(self, config):
         super().__init__()
+        self.config = config  # read at call time: `set_experts_implementation` changes the shared model config
         self.num_experts = config.n_routed_experts
         self.limit = config.swiglu_limit
         self.backend = config.ops_backend
@@ -104,6 +110,17 @@ class DeepseekV4Experts(nn.Module):
     ) -> torch.Tensor:
         """x `[T, d]`, indices/weights `[T, K]` -> `[T, d]` fp32. `lora`: grouped LoRA factors (`lora_a13`,
         `lora_b13`, `lora_a2`, `lora_b2`, see `ops_reference.grouped_experts`), passed by `expert_lora.py`."""
+        refuse_buffer_weights(self)
+        if getattr(self, "_is_expert_parallel", False) and bool((indices >= self.num_experts).any()):
+            # transformers' `all_reduce` expert parallelism marks routes to other ranks' experts with the local id
+            # `num_experts` (this rank's count, set by `grouped_gemm`): run this rank's routes only, one per row.
+            rows, slot = torch.nonzero(indices < self.num_experts, as_tuple=True)
+            out = DeepseekV4Experts.forward(self, x[rows], indices[rows, slot, None], weights[rows, slot, None])
+            return out.new_zeros(x.shape[0], out.shape[-1]).index_add_(0, rows, out)
+        transformers_forward = transformers_experts_forward(self, lora)
+        if transformers_forward is not None:
+            # transformers returns x's dtype; this contract is the fp32 accumulation (fp64 for fp64 x)
+            return transformers_forward(self, x, indices, weights).to(torch.promote_types(x.dtype, torch.float32))
         if self.compute_dtype is not None:
             x = x.to(self.compute_dtype)
         gate_up, down = self.expert_banks(x.dtype)
@@ -143,6 +160,7 @@ class DeepseekV4SparseMoeBlock(nn.Module):
 
     def __init__(self, config, layer_idx: int):
         super().__init__()
+        self.config = config
         self.is_hash = config.is_hash_layer(layer_idx)
         self.gate = DeepseekV4HashRouter(config) if self.is_hash else DeepseekV4TopKRouter(config)
         self.experts = DeepseekV4Experts(config)
@@ -154,7 +172,11 @@ class DeepseekV4SparseMoeBlock(nn.Module):
         """x `[B, S, d]` -> (`[B, S, d]`, (scores `[B*S, E]`, indices `[B*S, K]`))."""
         flat = x.reshape(-1, x.shape[-1])
         scores, weights, indices = self.gate(flat, input_ids)
-        routed = self.experts(flat, indices, weights, static_shapes)
+        warn_if_ignored(self.experts, getattr(self.config, "_experts_implementation", None))
+        # `static_shapes` only picks the algorithm; a transformers TP / EP hook may take (x, indices, weights) only
+        routed = self.experts(
+            flat, indices, weights, *(() if getattr(self.experts, "_is_hooked", False) else (static_shapes,))
+        )
         out = (routed + self.shared_experts(flat).float()).to(x.dtype)
         return out.view_as(x), (scores, indices)
 
