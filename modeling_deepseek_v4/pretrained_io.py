@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 
 import torch
 from transformers.utils import logging
@@ -69,6 +70,9 @@ class DeepseekV4PretrainedIO:
         and the causal LM (transformers writes one model class per save), plus a `requirements.txt`; a model loaded
         directly from an official folder also carries its tokenizer files, chat template and `encoding/`."""
         result = super().save_pretrained(save_directory, *args, **kwargs)
+        if not _is_main_process(kwargs):  # ranks of a distributed save: rank 0 writes the folder's extras
+            return result
+        _copy_plugin_code(self, save_directory)
         copy_official_side_files(getattr(self, "_official_source", None), save_directory)
         path = os.path.join(save_directory, "config.json")
         if getattr(self, "_auto_class", None) is not None and os.path.exists(path):
@@ -183,9 +187,38 @@ def _listing(names: list[str], shown: int = 6) -> str:
     return ", ".join(names[:shown]) + more
 
 
+def _is_main_process(kwargs: dict) -> bool:
+    """`save_pretrained`'s `is_main_process`, and rank 0 when torch.distributed is initialized (FSDP / TP saves call
+    `save_pretrained` on every rank)."""
+    if not kwargs.get("is_main_process", True):
+        return False
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
+        torch.distributed.get_rank() == 0
+    )
+
+
+def _copy_plugin_code(model, save_directory: str) -> None:
+    """FSDP2's `fully_shard` swaps the model's class for a generated `FSDP<Name>` whose module is torch's, so
+    transformers' `custom_object_save` copies torch's FSDP files instead of this package's: put the plugin's modeling
+    files there instead (and drop the copied torch files)."""
+    cls = type(model)
+    origin = next(c for c in cls.__mro__ if not c.__module__.startswith("torch."))
+    if origin is cls or getattr(model, "_auto_class", None) is None:
+        return
+    from transformers.dynamic_module_utils import custom_object_save, get_relative_import_files
+
+    wrong = sys.modules[cls.__module__].__file__
+    for file in [wrong, *get_relative_import_files(wrong)]:
+        copied = os.path.join(save_directory, os.path.basename(file))
+        if os.path.exists(copied):
+            os.remove(copied)
+    custom_object_save(origin, save_directory)
+
+
 def _write_text_atomic(path: str, text: str) -> None:
-    """Write through a temporary file and rename, so a crash never leaves a half-written file."""
-    tmp = f"{path}.tmp"
+    """Write through a temporary file and rename, so a crash never leaves a half-written file (the name is unique
+    per process: ranks of a distributed save never share a temporary file)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)

@@ -1,14 +1,15 @@
 """The two gloo ranks of `test_fsdp.py` and the training loop both sides share.
 
 One spawn runs every scenario (starting ranks costs most of the test's time on CPU), each rank training on its half
-of the same global batch, and rank 0 writes what the tests check to `<out>/rank0.pt`:
+of the same global batch; rank 0 writes what the tests check to `<out>/rank0.pt` (the other ranks only their errors):
 - `accelerate_full` / `accelerate_lora`: accelerate's FSDP2 (`fsdp2_prepare_model`, auto-wrap by the model's
   `_no_split_modules`), 3 AdamW steps, `save_state` after step 2; then a fresh model (other seed: other weights and
   router buffers), `load_state` and step 3 again;
 - `transformers`: `from_pretrained(distributed_config=DistributedConfig(fsdp_size=2))`, 3 steps, after step 2
   `save_pretrained(distributed_checkpoint=True)` and `fsdp_support.save_sharded_state`; then
   `from_pretrained(<that checkpoint>)`, `load_sharded_state` and step 3 again.
-A failing scenario records its traceback instead of results, so the other scenarios still report.
+A failing scenario records its traceback instead of results, so the other scenarios still report; a rank that fails
+alone leaves the other in a collective until the group's 120 s timeout.
 """
 
 from __future__ import annotations
@@ -165,8 +166,8 @@ def _transformers(out: str) -> dict:
     for step, ids in enumerate(data):
         result["losses"].append(train_step(model, optimizer, rows(ids)))
         if step + 1 == SAVE_AFTER:
-            # The plugin's save_pretrained rewrites config.json (auto_map) through `config.json.tmp` on every rank:
-            # the ranks race on that file. Only rank 0 writes code and config, so the others save without it.
+            # transformers copies the custom code on every rank that has `_auto_class`; the plugin writes its extras
+            # on rank 0 only. Only rank 0 copies code, so the ranks never race on the same files.
             if dist.get_rank():
                 model._auto_class = None
             model.save_pretrained(folder, distributed_checkpoint=True)
