@@ -60,7 +60,7 @@ from .config_checks import (
     fail,
     is_number,
 )
-from .parallel_plans import BASE_MODEL_EP_PLAN, BASE_MODEL_PP_PLAN, BASE_MODEL_TP_PLAN
+from .parallel_plans import BASE_MODEL_EP_PLAN, BASE_MODEL_FSDP_PLAN, BASE_MODEL_PP_PLAN, BASE_MODEL_TP_PLAN
 
 DEFAULT_NUM_HASH_LAYERS = 3
 # `qk_rope_head_dim` (64) / `head_dim` (512), as native.
@@ -171,10 +171,11 @@ class DeepseekV4ExtConfig(PreTrainedConfig):
     }
     # `rope_parameters` is keyed by these labels, not by `layer_types` (read by the base RoPE helpers).
     _rope_type_labels = ("main", "compress")
-    # transformers' distributed engine (TP / EP / PP), see parallel_plans.py
+    # transformers' distributed engine (TP / EP / PP / FSDP2), see parallel_plans.py
     base_model_tp_plan = BASE_MODEL_TP_PLAN
     base_model_ep_plan = BASE_MODEL_EP_PLAN
     base_model_pp_plan = BASE_MODEL_PP_PLAN
+    base_model_fsdp_plan = BASE_MODEL_FSDP_PLAN
 
     vocab_size: int = 129280
     hidden_size: int = 4096

@@ -48,6 +48,7 @@ from .moe import (
 )
 from .norm import DeepseekV4RMSNorm
 from .packing import PACKING_KWARGS, forward_packed, mask_document_starts, packed_spans
+from .parallel_plans import CAUSAL_LM_FSDP_PLAN, CAUSAL_LM_PP_PLAN, CAUSAL_LM_TP_PLAN
 from .pretrained_io import DeepseekV4PretrainedIO
 from .quantized_modules import build_quantized_modules, init_quantized_module
 from .reference_numerics import set_reference_numerics
@@ -309,6 +310,10 @@ class DeepseekV4ExtForCausalLM(DeepseekV4GenerationHooks, DeepseekV4ExtPreTraine
     """Causal LM head on `DeepseekV4ExtModel`; fp32 logits, `num_items_in_batch`-aware loss, optional aux loss."""
 
     _tied_weights_keys = {}
+    # transformers' distributed engine: the head's TP / PP / FSDP2 rules live on the LM class (parallel_plans.py)
+    _tp_plan = CAUSAL_LM_TP_PLAN
+    _pp_plan = CAUSAL_LM_PP_PLAN
+    _fsdp_plan = CAUSAL_LM_FSDP_PLAN
 
     def __init__(self, config: DeepseekV4ExtConfig):
         super().__init__(config)

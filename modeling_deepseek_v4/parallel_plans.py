@@ -81,6 +81,15 @@ BASE_MODEL_PP_PLAN = {
 }
 
 # For `DeepseekV4ExtForCausalLM._tp_plan` / `_pp_plan` (keys relative to the causal LM).
+# FSDP2 (`DistributedConfig(fsdp_size=...)`): each decoder layer and the MTP block its own unit (freed after use;
+# transformers' default plan leaves the MTP block in the root unit, never freed), the final norm and head kept whole.
+BASE_MODEL_FSDP_PLAN = {
+    "embed_tokens": "free_full_weight",
+    "layers.*": "free_full_weight",
+    "mtp.*": "free_full_weight",
+    "norm": "keep_full_weight",
+}
+CAUSAL_LM_FSDP_PLAN = {"lm_head": "keep_full_weight"}
 CAUSAL_LM_TP_PLAN = {"lm_head": "colwise_gather_output"}
 CAUSAL_LM_PP_PLAN = {"lm_head": (["hidden_states"], ["logits"])}
 
