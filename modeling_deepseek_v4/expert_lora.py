@@ -13,6 +13,8 @@ reads it. Factors, per adapter:
 Ranks: `LoraConfig.r`, or per projection with `rank_pattern={"experts.down_proj": 8}` (a key no module name
 matches, so PEFT itself ignores it; it is saved with the adapter). `rank_pattern={"experts.shared": 1}` shares one
 A / B pair across all experts (factors `[1, ...]`).
+Expert parallelism (`DistributedConfig(ep_size=...)`): each rank holds the factors of its own experts `[E_local, ...]`;
+shared factors are replicated and their gradients summed over the EP group. TP-split experts are refused.
 
 Merging: dense banks add `s * B_e A_e` in place (exact inverse on unmerge up to rounding). Quantized banks are
 dequantized, merged and re-quantized with the format's official rules; `merge_report` says how many blocks changed
@@ -32,6 +34,7 @@ from torch import nn
 from .attention import DeepseekV4GroupedLinear
 from .bnb_quant import DeepseekV4Bnb4bitExperts, DeepseekV4Bnb4bitGroupedLinear
 from .moe import DeepseekV4Experts
+from .parallel_plans import SumGradients, expert_group, local_tensor
 from .quantized_modules import DeepseekV4Fp8GroupedLinear, DeepseekV4QuantizedExperts
 from .reference_numerics import carry_numerics
 
@@ -191,7 +194,7 @@ class _GroupedLoraLayer(nn.Module, LoraLayer):
         stored = getattr(base, "_quantized_buffers", None)
         if not stored:
             for name, delta in deltas.items():
-                weight = getattr(base, name)
+                weight = local_tensor(getattr(base, name))  # expert parallelism: this rank's experts, like its factors
                 delta = delta.to(weight.dtype)
                 # shared expert factors give one [1, out, in] delta for the whole [E, out, in] bank
                 weight.add_(delta.expand_as(weight) if delta.shape != weight.shape else delta, alpha=sign)
@@ -216,8 +219,14 @@ class DeepseekV4ExpertsLora(_GroupedLoraLayer):
     base_names = ("gate_up_proj", "down_proj")
 
     def _shapes(self, config, r: int):
-        gate_up, down = self.get_base_layer().expert_banks(torch.float32)
-        (e, two_i, d), inter = gate_up.shape, down.shape[-1]
+        base = self.get_base_layer()
+        if getattr(base, "_is_hooked", False) and not getattr(base, "_is_expert_parallel", False):
+            raise NotImplementedError(
+                "Grouped expert LoRA on tensor-parallel routed experts (intermediate dim split over ranks) is not "
+                "supported: load with `DistributedConfig(ep_size=...)` (whole experts per rank) or without TP."
+            )
+        gate_up, down = (local_tensor(t) for t in base.expert_banks(torch.float32))
+        (e, two_i, d), inter = gate_up.shape, down.shape[-1]  # e: this rank's experts under expert parallelism
         if shared_expert_factors(config):
             e = 1  # one A / B pair for every expert (the experts op broadcasts a leading 1)
         ranks = {name: _rank(config, f"experts.{name}", r) for name in self.base_names}
@@ -225,15 +234,38 @@ class DeepseekV4ExpertsLora(_GroupedLoraLayer):
         shapes_b = {"gate_up_proj": (e, two_i, ranks["gate_up_proj"]), "down_proj": (e, d, ranks["down_proj"])}
         return shapes_a, shapes_b, ranks
 
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config, **kwargs) -> None:
+        self.shared_factors = {**getattr(self, "shared_factors", {}), adapter_name: shared_expert_factors(config)}
+        super().update_layer(adapter_name, r, lora_alpha, config, **kwargs)
+
+    def _factors(self, adapters: list[str], name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        group = expert_group(self.get_base_layer())
+        if group is None or not any(self.shared_factors.get(ad) for ad in adapters):
+            return super()._factors(adapters, name)
+        # Expert parallelism: shared factors are replicated, but each rank trains them on its own experts' rows only
+        if len(adapters) > 1:
+            raise NotImplementedError("Under expert parallelism, shared expert factors run as the only active adapter")
+        return tuple(SumGradients.apply(t, group) for t in super()._factors(adapters, name))
+
     def forward(self, x, indices, weights, static_shapes: bool = False, lora=None):
         self._check_forward()
         base = self.get_base_layer()
         adapters = self._active()
+        hooked = getattr(base, "_is_hooked", False)  # transformers' EP hook: `base.forward(x, indices, weights)`
+        args = (x, indices, weights) if hooked else (x, indices, weights, static_shapes)
         if not adapters:
-            return base(x, indices, weights, static_shapes)
+            return base(*args)
         (a13, b13), (a2, b2) = (self._factors(adapters, name) for name in self.base_names)
         factors = dict(lora_a13=a13, lora_b13=b13, lora_a2=a2, lora_b2=b2)
-        return base(x, indices, weights, static_shapes, lora=factors)
+        if not hooked:
+            return base(*args, lora=factors)
+        # The hook calls the original forward on local expert ids: the factors (this rank's `[E_local, ...]`) reach
+        # it through an attribute set for this call, so the hooked signature stays as transformers made it.
+        base._lora_factors = factors
+        try:
+            return base(*args)
+        finally:
+            base._lora_factors = None
 
     def _delta(self, adapter: str, name: str) -> torch.Tensor:
         a, b = getattr(self.lora_A[adapter], name), getattr(self.lora_B[adapter], name)

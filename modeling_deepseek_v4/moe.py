@@ -111,11 +111,14 @@ class DeepseekV4Experts(TransformersExpertsAttributes, nn.Module):
         """x `[T, d]`, indices/weights `[T, K]` -> `[T, d]` fp32. `lora`: grouped LoRA factors (`lora_a13`,
         `lora_b13`, `lora_a2`, `lora_b2`, see `ops_reference.grouped_experts`), passed by `expert_lora.py`."""
         refuse_buffer_weights(self)
+        if lora is None:  # set for one call by `expert_lora.py` when a transformers EP hook owns `forward` (3 args)
+            lora = getattr(self, "_lora_factors", None)
         if getattr(self, "_is_expert_parallel", False) and bool((indices >= self.num_experts).any()):
             # transformers' `all_reduce` expert parallelism marks routes to other ranks' experts with the local id
             # `num_experts` (this rank's count, set by `grouped_gemm`): run this rank's routes only, one per row.
             rows, slot = torch.nonzero(indices < self.num_experts, as_tuple=True)
-            out = DeepseekV4Experts.forward(self, x[rows], indices[rows, slot, None], weights[rows, slot, None])
+            routed = (x[rows], indices[rows, slot, None], weights[rows, slot, None])
+            out = DeepseekV4Experts.forward(self, *routed, lora=lora)
             return out.new_zeros(x.shape[0], out.shape[-1]).index_add_(0, rows, out)
         transformers_forward = transformers_experts_forward(self, lora)
         if transformers_forward is not None:

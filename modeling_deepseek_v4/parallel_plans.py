@@ -137,3 +137,30 @@ if is_torch_distributed_available():
             return _SumGradOverRanks.apply(output, mesh.get_group())
 
     ALL_PARALLEL_STYLES.register(SHARED_KV_STYLE, SharedKvParallel())
+
+
+def local_tensor(t):
+    """A DTensor bank (expert parallelism: `Shard(0)` over the EP mesh) as this rank's `[E_local, ...]` tensor (grouped
+    expert LoRA under EP, `expert_lora.py`)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def expert_group(base: nn.Module):
+    """The EP process group of experts sharded by transformers' `grouped_gemm` (their banks are DTensors), or None."""
+    bank = getattr(base, "gate_up_proj", None) if getattr(base, "_is_expert_parallel", False) else None
+    mesh = getattr(bank, "device_mesh", None)
+    return mesh.get_group() if mesh is not None else None
+
+
+class SumGradients(torch.autograd.Function):
+    """Identity whose backward sums the gradient over `group` (a replicated tensor, each rank using it on its part)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        torch.distributed.all_reduce(grad := grad.contiguous(), group=ctx.group)
+        return grad, None

@@ -1,0 +1,170 @@
+"""Grouped expert LoRA (expert_lora.py) under transformers' expert parallelism: 2 gloo ranks load a saved tiny
+Flash-like model with `DistributedConfig(tp_size=2, ep_size=2)`, wrap it with `get_peft_model(expert_lora_config(r=4,
+target_modules=["experts"]))` and set the factors from the global expert index (factor[e] = f(layer, e)), so each rank
+holds the slice of its own experts. Against one process with the same factors (fp32, atol / rtol 1e-5):
+- inference logits (transformers' `all_reduce` dispatch: off-rank routes come as the sentinel id) and training logits
+  (`all_to_all` dispatch, local expert ids on received rows);
+- after one backward, each rank's local factor gradients equal the single-process gradients of the same experts;
+- shared factors (`rank_pattern={"experts.shared": 1}`, replicated): gradients summed over the EP group equal the
+  single-process ones;
+- merging the adapter into the sharded banks keeps the logits;
+- tensor parallelism alone (routed experts split along the intermediate dim) is refused with a clear error.
+
+One spawn runs both scenarios (process start-up and imports dominate on 2 cores); each test reads its result."""
+
+from __future__ import annotations
+
+import os
+import traceback
+import zlib
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from tests.distributed.test_tensor_expert_parallel import WORLD, _free_port, _inputs
+
+pytest.importorskip("peft")
+
+ATOL = RTOL = 1e-5
+SCENARIOS = {"per_expert": {}, "shared": {"rank_pattern": {"experts.shared": 1}}}
+
+
+def _lora(model, scenario: str):
+    """`model` with grouped expert LoRA; every factor set from its name and the global expert index. Returns the
+    PEFT model and, per LoRA layer, the global index of its first local expert."""
+    from peft import get_peft_model
+
+    from modeling_deepseek_v4.expert_lora import DeepseekV4ExpertsLora, expert_lora_config
+
+    num_experts = model.config.n_routed_experts
+    targets = r".*\.layers\.\d+\.mlp\.experts"  # not the MTP block's experts: no loss trains them here
+    model = get_peft_model(model, expert_lora_config(r=4, target_modules=targets, **SCENARIOS[scenario]))
+    offsets = {}
+    with torch.no_grad():
+        for name, layer in model.named_modules():
+            if not isinstance(layer, DeepseekV4ExpertsLora):
+                continue
+            bank = layer.get_base_layer().gate_up_proj
+            mesh = getattr(bank, "device_mesh", None)  # Shard(0) over the EP mesh: rank i holds a contiguous range
+            offsets[name] = mesh.get_local_rank() * bank.to_local().shape[0] if mesh is not None else 0
+            start = 0 if scenario == "shared" else offsets[name]  # shared factors: one pair, the same on every rank
+            for param_name, param in layer.named_parameters():
+                if "lora_" not in param_name:
+                    continue
+                rows = 1 if scenario == "shared" else num_experts
+                seed = zlib.crc32(f"{name}.{param_name}".encode())
+                full = torch.randn(rows, *param.shape[1:], generator=torch.Generator().manual_seed(seed)) * 0.2
+                param.copy_(full[start : start + param.shape[0]])
+    return model, offsets
+
+
+def _run(model, offsets: dict[str, int]) -> dict:
+    """Inference and training logits, this rank's LoRA gradients, and the inference logits with the adapter merged."""
+    inputs = _inputs()
+    with torch.no_grad():
+        logits = model.eval()(**inputs, use_cache=False).logits
+    output = model.train()(**inputs, labels=inputs["input_ids"], use_cache=False)
+    output.loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if "lora_" in name}
+    model.eval().merge_adapter()
+    with torch.no_grad():
+        merged = model(**inputs, use_cache=False).logits
+    model.unmerge_adapter()
+    return {"logits": logits, "train_logits": output.logits.detach(), "grads": grads, "merged": merged, **offsets}
+
+
+def _worker(rank: int, port: int, folder: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank))
+    os.environ["WORLD_SIZE"] = str(WORLD)
+    torch.set_num_threads(1)
+    # A rank that fails alone leaves the other in a collective: the timeout turns that hang into an error.
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
+    try:
+        from transformers.distributed import DistributedConfig
+
+        from modeling_deepseek_v4 import DeepseekV4ExtForCausalLM
+        from modeling_deepseek_v4.parallel_plans import CAUSAL_LM_TP_PLAN
+
+        head = {} if getattr(DeepseekV4ExtForCausalLM, "_tp_plan", None) else dict(CAUSAL_LM_TP_PLAN)
+        results, failed = {}, None
+        try:  # routed experts split by TP (intermediate dim): refused when the LoRA layers are made
+            model = DeepseekV4ExtForCausalLM.from_pretrained(
+                folder, distributed_config=DistributedConfig(tp_plan=head or None, tp_size=2)
+            )
+            _lora(model, "per_expert")
+            results["tp_only"] = {"error": "none"}
+        except NotImplementedError as error:
+            results["tp_only"] = {"error": str(error)}
+        for scenario in SCENARIOS:
+            if failed:  # the ranks may be out of step after an unexpected error
+                results[scenario] = {"error": f"not run: {failed} failed", "trace": ""}
+                continue
+            try:
+                config = DistributedConfig(tp_plan=head or None, tp_size=2, ep_size=2)
+                model = DeepseekV4ExtForCausalLM.from_pretrained(folder, distributed_config=config)
+                results[scenario] = _run(*_lora(model, scenario))
+            except Exception as error:
+                results[scenario] = {"error": f"{type(error).__name__}: {error}", "trace": traceback.format_exc()}
+                failed = scenario
+        torch.save(results, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Single-process results of both scenarios (and the logits without LoRA) and both ranks' results."""
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with the gloo backend is not available in this build")
+    from tests.conftest import tiny_model
+
+    root = tmp_path_factory.mktemp("lora_ep")
+    model = tiny_model("flash")
+    model.save_pretrained(root / "model")
+    with torch.no_grad():
+        reference = {"base": model(**_inputs(), use_cache=False).logits}
+    for scenario in SCENARIOS:
+        reference[scenario] = _run(*_lora(tiny_model("flash"), scenario))
+    # fork, not spawn: the ranks inherit the imported modules (see test_tensor_expert_parallel.py)
+    mp.start_processes(_worker, args=(_free_port(), str(root / "model"), str(root)), nprocs=WORLD, start_method="fork")
+    return reference, [torch.load(root / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def _ok(runs, scenario: str) -> list[dict]:
+    results = [ranks[scenario] for ranks in runs[1]]
+    for rank, result in enumerate(results):
+        assert "error" not in result, f"rank {rank}: {result.get('trace')}"
+    return results
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_logits_match_single_process(runs, scenario):
+    reference, _ = runs
+    ref = reference[scenario]
+    assert not torch.allclose(ref["logits"], reference["base"], atol=1e-3), "the LoRA factors change nothing"
+    for result in _ok(runs, scenario):
+        for key in ("logits", "train_logits", "merged"):
+            torch.testing.assert_close(result[key], ref[key], atol=ATOL, rtol=RTOL, msg=lambda m, k=key: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_local_factor_gradients_match_single_process(runs, scenario):
+    reference, _ = runs
+    ref = reference[scenario]
+    for rank, result in enumerate(_ok(runs, scenario)):
+        assert result["grads"].keys() == ref["grads"].keys() and len(ref["grads"]) >= 4  # A / B x 2 per layer
+        for name, grad in result["grads"].items():
+            layer = name.split(".lora_")[0]
+            if scenario == "per_expert":
+                assert grad.shape[0] == 2 and result[layer] == 2 * rank  # 2 of the 4 experts per rank
+            start = 0 if scenario == "shared" else result[layer]
+            expected = ref["grads"][name][start : start + grad.shape[0]]
+            torch.testing.assert_close(grad, expected, atol=ATOL, rtol=RTOL, msg=lambda m, k=name: f"{k}: {m}")
+
+
+def test_tensor_parallel_experts_are_refused(runs):
+    for ranks in runs[1]:
+        assert "not supported: load with `DistributedConfig(ep_size=...)`" in ranks["tp_only"]["error"]
