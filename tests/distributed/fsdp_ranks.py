@@ -14,13 +14,13 @@ alone leaves the other in a collective until the group's 120 s timeout.
 
 from __future__ import annotations
 
-import contextlib
-import datetime
 import os
 import traceback
 
 import torch
 import torch.distributed as dist
+
+from tests.distributed.gloo import process_group
 
 STEPS, ROWS, SEQ = 3, 4, 24
 # Adam's eps well above the gradients' rounding noise: an entry whose gradient is ~1e-9 (some mHC `fn` entries) would
@@ -191,25 +191,11 @@ SCENARIOS = {
 }
 
 
-@contextlib.contextmanager
-def _process_group(rank: int, world: int, port: int):
-    # accelerate and transformers read the launcher's variables (torchrun sets the same ones).
-    env = dict(RANK=rank, WORLD_SIZE=world, LOCAL_RANK=rank, LOCAL_WORLD_SIZE=world, MASTER_PORT=port)
-    os.environ.update(MASTER_ADDR="127.0.0.1", **{key: str(value) for key, value in env.items()})
-    torch.set_num_threads(1)
-    # A timeout: a scenario that fails on one rank only must not hang the other forever.
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 def run_all(rank: int, world: int, port: int, out: str) -> None:
     """`mp.spawn` target: every scenario in turn; each rank saves `{name: result or {"error": traceback}}` to
     `<out>/rank<r>.pt` (rank 0 with the gathered weights), after each scenario, so a hang still leaves a record."""
     results = {}
-    with _process_group(rank, world, port):
+    with process_group(rank, world, port):
         for name, scenario in SCENARIOS.items():
             try:
                 results[name] = scenario(out)

@@ -16,7 +16,6 @@ import datetime
 import importlib.util
 import json
 import os
-import socket
 import sys
 import traceback
 import types
@@ -29,6 +28,7 @@ import torch.multiprocessing as mp
 from modeling_deepseek_v4 import deepspeed_support
 from modeling_deepseek_v4.moe import DeepseekV4SparseMoeBlock
 from tests.conftest import tiny_model
+from tests.distributed.gloo import free_port
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 STEPS, LR, SEQ, MICRO = 3, 0.1, 40, 2
@@ -109,12 +109,6 @@ def test_example_configs():
 
 
 # ---------------------------------------------------------------- real DeepSpeed, 2 gloo ranks
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ds_config(stage: int) -> dict:
@@ -243,9 +237,7 @@ def _reference(path: str) -> dict:
 
 
 def _spawn(path: str, out: str) -> None:
-    context = mp.start_processes(
-        _worker, args=(2, _free_port(), path, out), nprocs=2, join=False, start_method="spawn"
-    )
+    context = mp.start_processes(_worker, args=(2, free_port(), path, out), nprocs=2, join=False, start_method="spawn")
     deadline = datetime.datetime.now() + datetime.timedelta(seconds=DEADLINE_S)
     while not context.join(timeout=5):
         if datetime.datetime.now() > deadline:

@@ -14,17 +14,16 @@ One spawn runs both scenarios (process start-up and imports dominate on 2 cores)
 
 from __future__ import annotations
 
-import os
 import traceback
 import zlib
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.distributed.test_tensor_expert_parallel import WORLD, _free_port, _inputs
+from tests.distributed.gloo import free_port, process_group
+from tests.distributed.test_tensor_expert_parallel import WORLD, _inputs
 
 pytest.importorskip("peft")
 
@@ -77,12 +76,7 @@ def _run(model, offsets: dict[str, int]) -> dict:
 
 
 def _worker(rank: int, port: int, folder: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank))
-    os.environ["WORLD_SIZE"] = str(WORLD)
-    torch.set_num_threads(1)
-    # A rank that fails alone leaves the other in a collective: the timeout turns that hang into an error.
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
-    try:
+    with process_group(rank, WORLD, port, timeout_s=60):
         from transformers.distributed import DistributedConfig
 
         from modeling_deepseek_v4 import DeepseekV4ExtForCausalLM
@@ -110,8 +104,6 @@ def _worker(rank: int, port: int, folder: str, out: str) -> None:
                 results[scenario] = {"error": f"{type(error).__name__}: {error}", "trace": traceback.format_exc()}
                 failed = scenario
         torch.save(results, f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +121,7 @@ def runs(tmp_path_factory):
     for scenario in SCENARIOS:
         reference[scenario] = _run(*_lora(tiny_model("flash"), scenario))
     # fork, not spawn: the ranks inherit the imported modules (see test_tensor_expert_parallel.py)
-    mp.start_processes(_worker, args=(_free_port(), str(root / "model"), str(root)), nprocs=WORLD, start_method="fork")
+    mp.start_processes(_worker, args=(free_port(), str(root / "model"), str(root)), nprocs=WORLD, start_method="fork")
     return reference, [torch.load(root / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 

@@ -12,22 +12,15 @@ Runtime: one spawn of 2 ranks for all scenarios, ~35-50 s on 2 CPU cores (import
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tests.distributed import fsdp_ranks
+from tests.distributed.gloo import free_port
 
 LOSS_TOL, WEIGHT_TOL, RESUME_TOL = 1e-5, 2e-5, 1e-6
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +32,7 @@ def runs(tmp_path_factory):
     pytest.importorskip("peft")
     out = tmp_path_factory.mktemp("fsdp")
     fsdp_ranks.build_model(0).save_pretrained(out / "init")
-    mp.spawn(fsdp_ranks.run_all, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(fsdp_ranks.run_all, args=(2, free_port(), str(out)), nprocs=2, join=True)
     return torch.load(out / "rank0.pt", weights_only=False)
 
 

@@ -10,15 +10,14 @@ One spawn runs every scenario (process start-up and imports dominate on 2 cores)
 
 from __future__ import annotations
 
-import os
-import socket
 import traceback
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from tests.distributed.gloo import free_port, process_group
 
 WORLD = 2
 ATOL = RTOL = 1e-5
@@ -47,12 +46,6 @@ GRAD_NAMES = (
     "model.layers.1.mlp.shared_experts.down_proj.weight",
     "lm_head.weight",
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _inputs() -> dict[str, torch.Tensor]:
@@ -94,12 +87,7 @@ def _grads(model) -> dict[str, torch.Tensor]:
 
 
 def _worker(rank: int, port: int, folders: dict[str, str], out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank))
-    os.environ["WORLD_SIZE"] = str(WORLD)
-    torch.set_num_threads(1)
-    # A rank that fails alone leaves the other in a collective: the timeout turns that hang into an error.
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
-    try:
+    with process_group(rank, WORLD, port, timeout_s=60):
         from transformers.distributed import DistributedConfig
 
         from modeling_deepseek_v4 import DeepseekV4ExtForCausalLM
@@ -125,8 +113,6 @@ def _worker(rank: int, port: int, folders: dict[str, str], out: str) -> None:
                 results[name] = {"error": f"{type(error).__name__}: {error}", "trace": traceback.format_exc()}
                 failed = None if name.startswith("fp4") else name
         torch.save(results, f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +139,7 @@ def runs(tmp_path_factory):
             grads = {name: param.grad for name, param in model.named_parameters() if name in GRAD_NAMES}
     # fork, not spawn: the ranks inherit the imported modules (re-importing transformers costs ~15 s per rank on 2
     # cores); the parent ran torch on 1 thread only and never initialized a process group.
-    mp.start_processes(_worker, args=(_free_port(), folders, str(root)), nprocs=WORLD, start_method="fork")
+    mp.start_processes(_worker, args=(free_port(), folders, str(root)), nprocs=WORLD, start_method="fork")
     reference["grads"] = grads
     return reference, [torch.load(root / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 

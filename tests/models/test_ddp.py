@@ -2,36 +2,16 @@
 stay identical. DDP needs `find_unused_parameters=True` (Trainer: `ddp_find_unused_parameters=True`) for this model:
 the MTP block takes no part in the main loss, and a routed expert that gets no token in a step gets no gradient."""
 
-import contextlib
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def _process_group(rank: int, world: int, port: int):
-    """This spawned process as `rank` of a gloo group on localhost:`port`, torn down on exit."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
+from tests.distributed.gloo import free_port, process_group
 
 
 def _train(rank: int, world: int, port: int, out: str) -> None:
-    with _process_group(rank, world, port):
+    with process_group(rank, world, port):
         from tests.conftest import tiny_model
 
         model = tiny_model().train()
@@ -56,7 +36,7 @@ def _train(rank: int, world: int, port: int, out: str) -> None:
 def test_ddp_with_activation_checkpointing_keeps_replicas_identical(tmp_path):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with the gloo backend is not available in this build")
-    mp.spawn(_train, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_train, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for result in results:
         assert result["same"], "the replicas diverged"
@@ -65,7 +45,7 @@ def test_ddp_with_activation_checkpointing_keeps_replicas_identical(tmp_path):
 
 
 def _balance(rank: int, world: int, port: int, out: str) -> None:
-    with _process_group(rank, world, port):
+    with process_group(rank, world, port):
         from modeling_deepseek_v4.training_callbacks import ExpertBiasBalancer
         from tests.conftest import tiny_model
 
@@ -87,7 +67,7 @@ def test_bias_balancing_uses_the_global_load_under_data_parallelism(tmp_path):
     from modeling_deepseek_v4.training_callbacks import ExpertBiasBalancer
     from tests.conftest import tiny_model
 
-    mp.spawn(_balance, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_balance, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     model = tiny_model().train()
     balancer = ExpertBiasBalancer(speed=0.01).attach(model)
     model(input_ids=torch.randint(2, 97, (4, 40), generator=torch.Generator().manual_seed(7)))
