@@ -33,6 +33,7 @@ from torch import nn
 
 from .attention import DeepseekV4GroupedLinear
 from .bnb_quant import DeepseekV4Bnb4bitExperts, DeepseekV4Bnb4bitGroupedLinear
+from .expert_lora_parallel import gather_expert_factors, slice_expert_factors
 from .moe import DeepseekV4Experts
 from .parallel_plans import SumGradients, expert_group, local_tensor
 from .quantized_modules import DeepseekV4Fp8GroupedLinear, DeepseekV4QuantizedExperts
@@ -237,6 +238,11 @@ class DeepseekV4ExpertsLora(_GroupedLoraLayer):
     def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config, **kwargs) -> None:
         self.shared_factors = {**getattr(self, "shared_factors", {}), adapter_name: shared_expert_factors(config)}
         super().update_layer(adapter_name, r, lora_alpha, config, **kwargs)
+        if expert_group(self.get_base_layer()) is not None and not getattr(self, "_ep_hooks", False):
+            # expert parallelism: saved adapters hold every expert's factors, loaded ones give each rank its own
+            self.register_state_dict_post_hook(gather_expert_factors)
+            self.register_load_state_dict_pre_hook(slice_expert_factors)
+            self._ep_hooks = True
 
     def _factors(self, adapters: list[str], name: str) -> tuple[torch.Tensor, torch.Tensor]:
         group = expert_group(self.get_base_layer())

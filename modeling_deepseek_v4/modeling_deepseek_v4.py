@@ -51,6 +51,7 @@ from .packing import PACKING_KWARGS, forward_packed, mask_document_starts, packe
 from .parallel_plans import CAUSAL_LM_FSDP_PLAN, CAUSAL_LM_PP_PLAN, CAUSAL_LM_TP_PLAN
 from .pretrained_io import DeepseekV4PretrainedIO
 from .quantized_modules import build_quantized_modules, init_quantized_module
+from .quantized_parallel import QuantizedParallelMixin
 from .reference_numerics import set_reference_numerics
 from .rope import RopeTables
 from .static_cache import DeepseekV4StaticCache
@@ -79,7 +80,9 @@ class DeepseekV4CausalLMOutput(MoeCausalLMOutputWithPast):
     indexer_loss: torch.Tensor | None = None
 
 
-class DeepseekV4ExtPreTrainedModel(ExpertsImplementationMixin, DeepseekV4PretrainedIO, PreTrainedModel):
+class DeepseekV4ExtPreTrainedModel(
+    QuantizedParallelMixin, ExpertsImplementationMixin, DeepseekV4PretrainedIO, PreTrainedModel
+):
     config: DeepseekV4ExtConfig
     config_class = DeepseekV4ExtConfig
     base_model_prefix = "model"

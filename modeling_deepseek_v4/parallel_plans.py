@@ -28,12 +28,12 @@ Expert parallelism (EP): `E / ep_size` whole experts per rank (`grouped_gemm`, S
 `E / ep_size` and are dropped by `DeepseekV4Experts.forward`); otherwise `all_to_all` token exchange. Routing (score
 or hash) runs replicated before dispatch, so hash layers need nothing special.
 
-Weights kept quantized in buffers (FP8 linears, FP4 / FP8 / bitsandbytes expert banks, quantized_modules.py) cannot
-be sharded by this engine: it shards `nn.Parameter`s only (`_expand_parallel_plan` lists
-`module.named_parameters(recurse=False)`, styles read `module._parameters`, shard-on-read `DtensorShardOperation`
-applies to DTensor parameters), so such buffers load whole on every rank. Under `moe_tp_experts` every rank would then
-add its full expert output and the all-reduce would multiply it by `tp_size`; a colwise FP8 `q_b_proj` would return all
-heads next to sharded sinks. `refuse_buffer_weights` turns that into an error on the first forward.
+Weights kept quantized in buffers (FP8 linears, FP4 / FP8 expert banks, quantized_modules.py) are not parameters,
+which this engine alone shards (`_expand_parallel_plan` lists `module.named_parameters(recurse=False)`, styles read
+`module._parameters`, shard-on-read `DtensorShardOperation` applies to DTensors): quantized_parallel.py gives them the
+same layouts before the weights load. Other buffer storages (bitsandbytes) would load whole on every rank, so that
+under `moe_tp_experts` every rank would add its full expert output and the all-reduce would multiply it by
+`tp_size`; `refuse_buffer_weights` turns that into an error on the first forward.
 """
 
 from __future__ import annotations
@@ -98,12 +98,14 @@ def refuse_buffer_weights(*modules: nn.Module) -> None:
     """Raise if transformers' TP / EP engine hooked (`_is_hooked`, set by `apply_tensor_parallelism` /
     `apply_expert_parallelism`) one of `modules` whose weights are quantized buffers (`_quantized_buffers`)."""
     for module in modules:
-        if getattr(module, "_is_hooked", False) and getattr(module, "_quantized_buffers", ()):
+        sharded = getattr(module, "_buffers_sharded", False)  # FP8 / FP4 storage: quantized_parallel.py
+        if getattr(module, "_is_hooked", False) and getattr(module, "_quantized_buffers", ()) and not sharded:
             raise NotImplementedError(
                 f"{type(module).__name__} keeps its weights quantized in buffers "
                 f"({', '.join(module._quantized_buffers)}), and transformers' tensor / expert parallelism shards "
                 "nn.Parameters only: the buffers would load whole on every rank and the sharded forward would be "
-                "wrong. For tp_size / ep_size > 1 load a dense copy (`dsv4-convert to-hf --dtype bf16`)."
+                "wrong. For tp_size / ep_size > 1 keep the official FP8 / FP4 storage (`dsv4-convert --dtype "
+                "keep`, sharded like the dense weights) or load a dense copy (`dsv4-convert to-hf --dtype bf16`)."
             )
 
 
@@ -143,6 +145,18 @@ def local_tensor(t):
     """A DTensor bank (expert parallelism: `Shard(0)` over the EP mesh) as this rank's `[E_local, ...]` tensor (grouped
     expert LoRA under EP, `expert_lora.py`)."""
     return t.to_local() if hasattr(t, "to_local") else t
+
+
+def rewrap_like(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`local` as a DTensor with `like`'s mesh, placements and global shape when `like` is a DTensor (a sharded
+    quantized buffer after a device move, quantized_modules.py), else `local` itself."""
+    if not hasattr(like, "device_mesh"):
+        return local
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(
+        local, like.device_mesh, like.placements, run_check=False, shape=like.shape, stride=like.stride()
+    )
 
 
 def expert_group(base: nn.Module):

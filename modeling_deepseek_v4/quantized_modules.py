@@ -24,6 +24,7 @@ from torch import nn
 
 from .moe import DeepseekV4Experts
 from .ops import quantized_linear
+from .parallel_plans import local_tensor, rewrap_like
 from .weight_formats import FORMATS, FP8, PackedWeight, WeightFormat, grouped_linear, is_official_fp8_linear
 
 WEIGHT_FORMATS = (None, *(key for key, f in FORMATS.items() if f.per_element == 1))
@@ -80,24 +81,44 @@ QuantizedWeight = PackedWeight
 
 
 class _KeepsStorageDtype:
-    """Mixin: dtype casts of the module tree skip the quantized buffers (device moves still apply)."""
+    """Mixin: dtype casts of the module tree skip the quantized buffers (device moves still apply). Under tensor /
+    expert parallelism the buffers are DTensors holding this rank's slice (quantized_parallel.py); `stored` gives the
+    local tensor the forwards compute with."""
 
     _quantized_buffers: tuple[str, ...] = ()
+    _buffer_layout: str | None = None  # "linear" `[out, in]` or "experts" `[E, rows, cols]`: quantized_parallel.py
+
+    def stored(self, name: str) -> torch.Tensor:
+        """The buffer `name`, as this rank's local slice when it is sharded."""
+        return local_tensor(self._buffers[name])
+
+    def __setattr__(self, name, value):
+        # transformers' loader sets a sharded (DTensor) tensor as an `nn.Parameter`; a quantized buffer stays a buffer
+        if isinstance(value, nn.Parameter) and name in self._quantized_buffers and name in self._buffers:
+            flag = getattr(value, "_is_hf_initialized", False)
+            value = value.detach()
+            value._is_hf_initialized = flag
+            self._buffers[name] = value
+            return
+        super().__setattr__(name, value)
 
     def _apply(self, fn, recurse=True):
         # `nn.Module.to(dtype)` converts every floating-point tensor, which includes float8: hide them as bytes.
-        dtypes = {name: self._buffers[name].dtype for name in self._quantized_buffers if name in self._buffers}
-        flags = {name: getattr(self._buffers[name], "_is_hf_initialized", False) for name in dtypes}
-        for name in dtypes:
-            self._buffers[name] = self._buffers[name].view(torch.uint8)
+        hidden = {}
+        for name in self._quantized_buffers:
+            buf = self._buffers.get(name)
+            if buf is not None:
+                hidden[name] = (buf, getattr(buf, "_is_hf_initialized", False))
+                self._buffers[name] = local_tensor(buf).view(torch.uint8)
         try:
             return super()._apply(fn, recurse)
         finally:
-            for name, dtype in dtypes.items():
-                self._buffers[name] = self._buffers[name].view(dtype)
-                if flags[name]:
+            for name, (buf, flag) in hidden.items():
+                value = rewrap_like(self._buffers[name].view(buf.dtype), buf)
+                if flag:
                     # transformers marks loaded tensors; keep the mark so `_init_weights` never overwrites them
-                    self._buffers[name]._is_hf_initialized = True
+                    value._is_hf_initialized = True
+                self._buffers[name] = value
 
     def quantized_nbytes(self) -> int:
         return sum(self._buffers[name].nbytes for name in self._quantized_buffers)
@@ -108,6 +129,7 @@ class _Fp8Storage(_KeepsStorageDtype):
     `b` of its format (128 in the V4 releases; `weight_formats.FP8_BLOCK32` for 32x32 blocks)."""
 
     _quantized_buffers = ("weight", "weight_scale_inv")
+    _buffer_layout = "linear"
 
     def _init_storage(self, in_features: int, out_features: int, scale_dtype, fmt: WeightFormat) -> None:
         self.in_features, self.out_features, self.format = in_features, out_features, fmt
@@ -116,7 +138,7 @@ class _Fp8Storage(_KeepsStorageDtype):
         self.register_buffer("weight_scale_inv", torch.empty(shape, dtype=scale_dtype or torch.float8_e8m0fnu))
 
     def packed(self, dtype: torch.dtype) -> PackedWeight:
-        return PackedWeight(self.weight, self.weight_scale_inv, self.format, dtype)
+        return PackedWeight(self.stored("weight"), self.stored("weight_scale_inv"), self.format, dtype)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.packed(dtype).dequantize()
@@ -175,6 +197,7 @@ class DeepseekV4QuantizedExperts(_KeepsStorageDtype, nn.Module):
     `down_proj [E, d, I(/2)]`. Only experts that receive tokens are dequantized, one at a time."""
 
     _quantized_buffers = ("gate_up_proj", "gate_up_proj_scale_inv", "down_proj", "down_proj_scale_inv")
+    _buffer_layout = "experts"
     # gate/up: the official w1 and w3 are separate tensors, each blocked on its own
     _HALVES = {"gate_up_proj": 2, "down_proj": 1}
 
@@ -200,12 +223,12 @@ class DeepseekV4QuantizedExperts(_KeepsStorageDtype, nn.Module):
     def qweight(self) -> torch.Tensor:
         """The stored gate/up bank: PEFT reads `qweight` for the device of a quantized layer it wraps (these
         modules have buffers, no parameters)."""
-        return self.gate_up_proj
+        return self.stored("gate_up_proj")
 
     def expert_banks(self, dtype: torch.dtype) -> tuple[PackedWeight, PackedWeight]:
         """`PackedWeight` values of `gate_up_proj` and `down_proj`, dequantizing in `dtype` what is indexed."""
         return tuple(
-            PackedWeight(getattr(self, n), getattr(self, n + "_scale_inv"), self.format, dtype, self._HALVES[n])
+            PackedWeight(self.stored(n), self.stored(n + "_scale_inv"), self.format, dtype, self._HALVES[n])
             for n in ("gate_up_proj", "down_proj")
         )
 

@@ -8,6 +8,9 @@ holds the slice of its own experts. Against one process with the same factors (f
 - shared factors (`rank_pattern={"experts.shared": 1}`, replicated): gradients summed over the EP group equal the
   single-process ones;
 - merging the adapter into the sharded banks keeps the logits;
+- `save_pretrained` from the EP ranks writes the factors of all experts (the adapter equals one saved by one
+  process), and loading it back into an EP model gives each rank its experts' factors (logits unchanged); a
+  one-process model loads it too;
 - tensor parallelism alone (routed experts split along the intermediate dim) is refused with a clear error.
 
 One spawn runs both scenarios (process start-up and imports dominate on 2 cores); each test reads its result."""
@@ -80,6 +83,7 @@ def _worker(rank: int, port: int, folder: str, out: str) -> None:
         from transformers.distributed import DistributedConfig
 
         from modeling_deepseek_v4 import DeepseekV4ExtForCausalLM
+        from modeling_deepseek_v4.expert_lora import load_expert_lora
         from modeling_deepseek_v4.parallel_plans import CAUSAL_LM_TP_PLAN
 
         head = {} if getattr(DeepseekV4ExtForCausalLM, "_tp_plan", None) else dict(CAUSAL_LM_TP_PLAN)
@@ -99,7 +103,15 @@ def _worker(rank: int, port: int, folder: str, out: str) -> None:
             try:
                 config = DistributedConfig(tp_plan=head or None, tp_size=2, ep_size=2)
                 model = DeepseekV4ExtForCausalLM.from_pretrained(folder, distributed_config=config)
-                results[scenario] = _run(*_lora(model, scenario))
+                peft_model, offsets = _lora(model, scenario)
+                results[scenario] = _run(peft_model, offsets)
+                # every rank joins the gather of the factors; rank 0 writes (as the Trainer calls it)
+                peft_model.save_pretrained(f"{out}/adapter_{scenario}", is_main_process=rank == 0)
+                dist.barrier()
+                fresh = DeepseekV4ExtForCausalLM.from_pretrained(folder, distributed_config=config)
+                reloaded = load_expert_lora(fresh, f"{out}/adapter_{scenario}")
+                with torch.no_grad():
+                    results[scenario]["reloaded"] = reloaded.eval()(**_inputs(), use_cache=False).logits
             except Exception as error:
                 results[scenario] = {"error": f"{type(error).__name__}: {error}", "trace": traceback.format_exc()}
                 failed = scenario
@@ -119,9 +131,12 @@ def runs(tmp_path_factory):
     with torch.no_grad():
         reference = {"base": model(**_inputs(), use_cache=False).logits}
     for scenario in SCENARIOS:
-        reference[scenario] = _run(*_lora(tiny_model("flash"), scenario))
+        peft_model, offsets = _lora(tiny_model("flash"), scenario)
+        reference[scenario] = _run(peft_model, offsets)
+        peft_model.save_pretrained(root / f"single_{scenario}")
     # fork, not spawn: the ranks inherit the imported modules (see test_tensor_expert_parallel.py)
     mp.start_processes(_worker, args=(free_port(), str(root / "model"), str(root)), nprocs=WORLD, start_method="fork")
+    reference["root"] = root
     return reference, [torch.load(root / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
@@ -160,3 +175,28 @@ def test_local_factor_gradients_match_single_process(runs, scenario):
 def test_tensor_parallel_experts_are_refused(runs):
     for ranks in runs[1]:
         assert "not supported: load with `DistributedConfig(ep_size=...)`" in ranks["tp_only"]["error"]
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_adapter_saved_under_expert_parallelism_holds_every_expert(runs, scenario):
+    """The EP ranks' adapter equals the one-process adapter tensor for tensor; it reloads on the EP ranks and in one
+    process with the logits of the model that was saved."""
+    from safetensors.torch import load_file
+
+    from modeling_deepseek_v4.expert_lora import load_expert_lora
+    from tests.conftest import tiny_model
+
+    reference, _ = runs
+    for result in _ok(runs, scenario):
+        torch.testing.assert_close(result["reloaded"], result["logits"], atol=0, rtol=0)
+    root = reference["root"]
+    saved, single = (
+        load_file(root / f"{kind}_{scenario}" / "adapter_model.safetensors") for kind in ("adapter", "single")
+    )
+    assert saved.keys() == single.keys() and len(saved) >= 4
+    for key, tensor in saved.items():
+        assert torch.equal(tensor, single[key]), key
+    model = load_expert_lora(tiny_model("flash"), root / f"adapter_{scenario}")
+    with torch.no_grad():
+        logits = model.eval()(**_inputs(), use_cache=False).logits
+    torch.testing.assert_close(logits, reference[scenario]["logits"], atol=ATOL, rtol=RTOL)

@@ -1,10 +1,13 @@
 """transformers' distributed engine on the plugin (parallel_plans.py): 2 gloo ranks on CPU load a saved tiny Flash-like
 model (hash-routed first layers, CSA and HCA layers) with `DistributedConfig` and must give the single-process
 logits (fp32, 1e-5): tensor parallelism (heads, grouped output projection, shared and routed experts, vocabulary),
-expert parallelism through both of transformers' token dispatches (`all_reduce`, `all_to_all`) on top of it, and the
-clear error for FP4 expert banks (buffers, which the engine cannot shard). Training: one backward under TP and under
-TP + EP (transformers picks `all_to_all` when gradients flow) gives the single-process gradients (atol 1e-5, rtol
-1e-4), including the shared KV head's and the compressor's, whose per-rank gradients are partial.
+expert parallelism through both of transformers' token dispatches (`all_reduce`, `all_to_all`) on top of it. The same
+with the weights kept quantized like the official files (FP4 expert banks, FP8 linears in 32x32 blocks for the tiny
+shapes; buffers, sharded by quantized_parallel.py): each rank holds only its slice of the bytes and scales, and
+`save_pretrained` from the TP ranks writes the full tensors back byte for byte. Training: one backward under TP and
+under TP + EP (transformers picks `all_to_all` when gradients flow) gives the single-process gradients (atol 1e-5,
+rtol 1e-4), including the shared KV head's and the compressor's, whose per-rank gradients are partial; also with the
+quantized storage (gradients of the parameters around the frozen FP8 / FP4 weights).
 
 One spawn runs every scenario (process start-up and imports dominate on 2 cores); each test reads its result."""
 
@@ -25,10 +28,18 @@ SCENARIOS = {
     "tp": dict(tp_size=2),
     "ep_all_reduce": dict(tp_size=2, ep_size=2),
     "ep_all_to_all": dict(tp_size=2, ep_size=2, ep_implementation="all_to_all"),
-    "fp4_ep": dict(tp_size=2, ep_size=2),
     "fp4_tp": dict(tp_size=2),
+    "fp4_ep_all_reduce": dict(tp_size=2, ep_size=2),
+    "fp4_ep_all_to_all": dict(tp_size=2, ep_size=2, ep_implementation="all_to_all"),
 }
-TRAINED = ("tp", "ep_all_reduce")
+TRAINED = ("tp", "ep_all_reduce", "fp4_tp", "fp4_ep_all_reduce")
+# Kept like the official files: FP4 experts, FP8 linears (32x32 blocks: the tiny heads split into whole blocks), and
+# sizes whose TP slices cover whole blocks (I = 64: 32 rows / 32 FP4 columns per rank; o_a_proj rows 2 x 32).
+QUANTIZED = dict(
+    dsv4_quantization={"weights": "fp8_block32", "experts": "fp4", "scale_dtype": "float32"},
+    moe_intermediate_size=64,
+    o_lora_rank=32,
+)
 # Gradients compared with one process: sharded ones (q_b_proj, sinks, o_a_proj, experts, vocabulary) and replicated
 # ones upstream of the sharded heads (the shared KV head, the compressor, q_a_proj, mHC, the embedding).
 GRAD_NAMES = (
@@ -46,6 +57,15 @@ GRAD_NAMES = (
     "model.layers.1.mlp.shared_experts.down_proj.weight",
     "lm_head.weight",
 )
+# The quantized model's parameters: everything around the frozen FP8 / FP4 buffers.
+QUANTIZED_GRAD_NAMES = (
+    "model.embed_tokens.weight",
+    "model.layers.0.attn_hc.fn",
+    "model.layers.0.self_attn.sinks",
+    "model.layers.2.mlp.gate.weight",
+    "model.layers.3.self_attn.compressor.position_bias",
+    "lm_head.weight",
+)
 
 
 def _inputs() -> dict[str, torch.Tensor]:
@@ -57,10 +77,25 @@ def _inputs() -> dict[str, torch.Tensor]:
 
 
 def _local_shapes(model) -> dict[str, tuple[int, ...]]:
-    """This rank's shapes of a few sharded tensors of layer 0 (a hash layer)."""
+    """This rank's shapes of a few sharded tensors of layer 0 (a hash layer); quantized buffers as stored."""
     from torch.distributed.tensor import DTensor
 
     layer = model.model.layers[0]
+    if hasattr(layer.mlp.experts, "stored"):
+        attn, experts, shared = layer.self_attn, layer.mlp.experts, layer.mlp.shared_experts
+        named = {
+            "q_b_proj": attn.q_b_proj.weight,
+            "q_b_proj_scale": attn.q_b_proj.weight_scale_inv,
+            "o_a_proj": attn.o_a_proj.weight,
+            "o_b_proj": attn.o_b_proj.weight,
+            "shared_down": shared.down_proj.weight,
+            "gate_up_proj": experts.gate_up_proj,
+            "gate_up_proj_scale": experts.gate_up_proj_scale_inv,
+            "down_proj": experts.down_proj,
+            "down_proj_scale": experts.down_proj_scale_inv,
+            "num_experts": torch.empty(experts.num_experts),
+        }
+        return {k: tuple((v.to_local() if isinstance(v, DTensor) else v).shape) for k, v in named.items()}
     named = {
         "q_b_proj": layer.self_attn.q_b_proj.weight,
         "sinks": layer.self_attn.sinks,
@@ -82,7 +117,8 @@ def _grads(model) -> dict[str, torch.Tensor]:
     inputs = _inputs()
     model(**inputs, labels=inputs["input_ids"], use_cache=False).loss.backward()
     params = dict(model.named_parameters())
-    grads = {name: params[name].grad for name in GRAD_NAMES}
+    names = QUANTIZED_GRAD_NAMES if hasattr(model.model.layers[0].mlp.experts, "stored") else GRAD_NAMES
+    grads = {name: params[name].grad for name in names}
     return {k: g.full_tensor() if isinstance(g, DTensor) else g for k, g in grads.items()}
 
 
@@ -107,11 +143,16 @@ def _worker(rank: int, port: int, folders: dict[str, str], out: str) -> None:
                 with torch.no_grad():
                     logits = model(**_inputs(), use_cache=False).logits
                 results[name] = {"logits": logits, "shapes": _local_shapes(model), "plan": dict(model.tp_plan)}
+                if name == "fp4_tp":  # every rank takes part in gathering the shards; rank 0 writes
+                    model.save_pretrained(f"{out}/saved_fp4_tp")
+                    model.to(torch.float32)  # a cast re-wraps the sharded buffers, leaving their bytes alone
+                    with torch.no_grad():
+                        results[name]["logits_after_cast"] = model(**_inputs(), use_cache=False).logits
                 if name in TRAINED:
                     results[name]["grads"] = _grads(model)
-            except Exception as error:  # reported to the test, which decides whether it was expected
+            except Exception as error:  # reported to the test
                 results[name] = {"error": f"{type(error).__name__}: {error}", "trace": traceback.format_exc()}
-                failed = None if name.startswith("fp4") else name
+                failed = name
         torch.save(results, f"{out}/rank{rank}.pt")
 
 
@@ -123,24 +164,22 @@ def runs(tmp_path_factory):
     from tests.conftest import tiny_model
 
     root = tmp_path_factory.mktemp("tp_ep")
-    folders, reference, grads = {}, {}, {}
-    for kind, overrides in (
-        ("dense", {}),
-        ("fp4", {"dsv4_quantization": {"weights": None, "experts": "fp4", "scale_dtype": "float32"}}),
-    ):
+    folders, reference = {}, {}
+    for kind, overrides in (("dense", {}), ("fp4", QUANTIZED)):
         model = tiny_model("flash", **overrides)
         folders[kind] = str(root / kind)
         model.save_pretrained(folders[kind])
         with torch.no_grad():
             reference[kind] = model(**_inputs(), use_cache=False).logits
-        if kind == "dense":
-            inputs = _inputs()
-            model.train()(**inputs, labels=inputs["input_ids"], use_cache=False).loss.backward()
-            grads = {name: param.grad for name, param in model.named_parameters() if name in GRAD_NAMES}
+        reference[f"{kind}_state"] = {k: v.clone() for k, v in model.state_dict().items()}
+        inputs = _inputs()
+        model.train()(**inputs, labels=inputs["input_ids"], use_cache=False).loss.backward()
+        names = GRAD_NAMES if kind == "dense" else QUANTIZED_GRAD_NAMES
+        reference[f"{kind}_grads"] = {n: p.grad for n, p in model.named_parameters() if n in names}
     # fork, not spawn: the ranks inherit the imported modules (re-importing transformers costs ~15 s per rank on 2
     # cores); the parent ran torch on 1 thread only and never initialized a process group.
     mp.start_processes(_worker, args=(free_port(), folders, str(root)), nprocs=WORLD, start_method="fork")
-    reference["grads"] = grads
+    reference["saved_fp4_tp"] = root / "saved_fp4_tp"
     return reference, [torch.load(root / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
@@ -180,18 +219,47 @@ def test_expert_parallel_matches_single_process(runs, name):
 @pytest.mark.parametrize("name", TRAINED)
 def test_gradients_match_single_process(runs, name):
     reference, _ = runs
+    expected = reference["fp4_grads" if name.startswith("fp4") else "dense_grads"]
     for result in _ok(runs, name):
-        assert result["grads"].keys() == reference["grads"].keys()
+        assert result["grads"].keys() == expected.keys()
         for key, grad in result["grads"].items():
-            torch.testing.assert_close(
-                grad, reference["grads"][key], atol=1e-5, rtol=1e-4, msg=lambda m, k=key: f"{k}: {m}"
-            )
+            torch.testing.assert_close(grad, expected[key], atol=1e-5, rtol=1e-4, msg=lambda m, k=key: f"{k}: {m}")
 
 
-@pytest.mark.parametrize("name", ["fp4_ep", "fp4_tp"])
-def test_quantized_expert_banks_refuse_sharding(runs, name):
-    """FP4 banks are buffers: loaded whole on every rank, so the sharded forward would be wrong (TP: the all-reduce
-    would double the routed output). The first forward says so instead."""
-    for ranks in runs[1]:
-        error = ranks[name].get("error", "")
-        assert error.startswith("NotImplementedError") and "nn.Parameters only" in error, ranks[name]
+@pytest.mark.parametrize("name", ["fp4_tp", "fp4_ep_all_reduce", "fp4_ep_all_to_all"])
+def test_quantized_storage_matches_single_process(runs, name):
+    """FP4 banks and FP8 linears stay quantized, each rank holding its slice of the bytes and of the scales."""
+    reference, _ = runs
+    results = _ok(runs, name)
+    for result in results:
+        torch.testing.assert_close(result["logits"], reference["fp4"], atol=ATOL, rtol=RTOL)
+        if name == "fp4_tp":
+            torch.testing.assert_close(result["logits_after_cast"], result["logits"], atol=0, rtol=0)
+    shapes = results[0]["shapes"]
+    # FP8 32x32 blocks: q_b_proj [128, 32] -> rows 64 / scale [2, 1]; o_a_proj rows 2 x 32 -> 32; o_b_proj and the
+    # shared down_proj split their 64 input columns (scale columns 2 -> 1)
+    assert shapes["q_b_proj"] == (64, 32) and shapes["q_b_proj_scale"] == (2, 1)
+    assert shapes["o_a_proj"] == (32, 64) and shapes["o_b_proj"] == (64, 32) and shapes["shared_down"] == (64, 32)
+    if name == "fp4_tp":  # the intermediate dim split: gate and up rows 64 + 64 -> 32 + 32, down FP4 columns 64 -> 32
+        assert shapes["gate_up_proj"] == (4, 64, 32) and shapes["gate_up_proj_scale"] == (4, 64, 2)
+        assert shapes["down_proj"] == (4, 64, 16) and shapes["down_proj_scale"] == (4, 64, 1)
+        assert shapes["num_experts"] == (4,)
+    else:  # whole experts, 2 of 4 per rank
+        assert shapes["gate_up_proj"] == (2, 128, 32) and shapes["gate_up_proj_scale"] == (2, 128, 2)
+        assert shapes["down_proj"] == (2, 64, 32) and shapes["num_experts"] == (2,)
+
+
+def test_quantized_save_from_tensor_parallel_ranks_is_exact(runs):
+    """`save_pretrained` on the TP ranks gathers each sharded buffer: the folder holds the original bytes, scales."""
+    from safetensors.torch import load_file
+
+    reference, _ = runs
+    _ok(runs, "fp4_tp")
+    saved = {}
+    for shard in sorted(reference["saved_fp4_tp"].glob("*.safetensors")):
+        saved.update(load_file(shard))
+    expected = reference["fp4_state"]
+    assert saved.keys() == expected.keys()
+    for key, tensor in saved.items():
+        assert tensor.dtype == expected[key].dtype and tensor.shape == expected[key].shape, key
+        assert torch.equal(tensor.view(torch.uint8), expected[key].view(torch.uint8)), key
