@@ -103,3 +103,42 @@ def load_sharded_state(directory: str | os.PathLike, model: nn.Module, optimizer
 
 
 __all__ = ["freeze_untrained_parameters", "load_sharded_state", "save_sharded_state", "untrained_parameter_names"]
+
+
+def _managed_dtypes(name: str, module: nn.Module, units: set[str]) -> set:
+    """dtypes of the parameters FSDP2 would give the unit `name`: its own, minus those under deeper units."""
+    prefix = f"{name}." if name else ""
+    deeper = [u[len(prefix) :] + "." for u in units if u != name and u.startswith(prefix)]
+    return {p.dtype for n, p in module.named_parameters() if not any(n.startswith(d) for d in deeper)}
+
+
+def one_dtype_per_unit(model: nn.Module, fsdp_plan: dict[str, str]) -> dict[str, str]:
+    """The resolved FSDP2 plan of `DistributedConfig(fsdp_size=...)` with each unit holding one dtype.
+
+    FSDP2 shards and all-gathers a unit's parameters as one flat buffer and refuses mixed dtypes, while this model
+    keeps fp32 islands inside bf16 modules (`_keep_in_fp32_modules_strict`: attention `sinks` next to its bf16
+    projections, the final `norm` next to the bf16 `lm_head` that transformers groups with it). transformers gives the
+    fp32 owners their own units, but such an owner (`self_attn`) still takes its bf16 children. Here every unit
+    (and the root) whose parameters mix dtypes gets its children as units of their own, until none mixes; a mixed
+    norm + head tail is no longer kept whole together. Returns the plan deepest first, as transformers applies it."""
+    if not fsdp_plan:
+        return fsdp_plan
+    plan, modules = dict(fsdp_plan), dict(model.named_modules())
+    keep = [n for n, style in plan.items() if style == "keep_full_weight"]
+    if len({p.dtype for n in keep for p in modules[n].parameters()}) > 1:
+        largest = max(keep, key=lambda n: sum(p.numel() for p in modules[n].parameters()))
+        dtype = next(modules[largest].parameters()).dtype
+        for n in keep:
+            if {p.dtype for p in modules[n].parameters()} != {dtype}:
+                plan[n] = "free_full_weight"
+    pending = ["", *plan]
+    while pending:
+        name = pending.pop()
+        if len(_managed_dtypes(name, modules[name], set(plan))) <= 1:
+            continue
+        for child, sub in modules[name].named_children():
+            full = f"{name}.{child}" if name else child
+            if full not in plan and any(True for _ in sub.parameters()):
+                plan[full] = "free_full_weight"
+                pending.append(full)
+    return dict(sorted(plan.items(), key=lambda item: item[0].count("."), reverse=True))

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from transformers.utils import is_torch_distributed_available
 
+from .fsdp_support import one_dtype_per_unit
 from .parallel_plans import local_tensor, rewrap_like
 
 if is_torch_distributed_available():
@@ -135,11 +136,13 @@ def shard_quantized_buffers(model: nn.Module, mesh_manager, tp_plan: dict, ep_pl
 
 
 class QuantizedParallelMixin:
-    """`PreTrainedModel` mixin: `from_pretrained(..., distributed_config=...)` shards the quantized buffers too."""
+    """`PreTrainedModel` mixin for `from_pretrained(..., distributed_config=...)`: the quantized buffers are sharded
+    too, and each FSDP2 unit holds one dtype (`fsdp_support.one_dtype_per_unit`: bf16 models with fp32 islands)."""
 
     def _resolve_parallel_plans(self, distributed_config):
         taken = take_buffer_rules(self)
         tp_plan, ep_plan, fsdp_plan = super()._resolve_parallel_plans(distributed_config)
+        fsdp_plan = one_dtype_per_unit(self, fsdp_plan)
         # `maybe_distribute_model` sets the mesh manager before it resolves the plans
         shard_quantized_buffers(self, self._mesh_manager, tp_plan, ep_plan, taken)
         return tp_plan, ep_plan, fsdp_plan

@@ -7,7 +7,8 @@ of the same global batch; rank 0 writes what the tests check to `<out>/rank0.pt`
   router buffers), `load_state` and step 3 again;
 - `transformers`: `from_pretrained(distributed_config=DistributedConfig(fsdp_size=2))`, 3 steps, after step 2
   `save_pretrained(distributed_checkpoint=True)` and `fsdp_support.save_sharded_state`; then
-  `from_pretrained(<that checkpoint>)`, `load_sharded_state` and step 3 again.
+  `from_pretrained(<that checkpoint>)`, `load_sharded_state` and step 3 again;
+- `transformers_bf16`: the same in bf16 (fp32 islands kept), the plugin's default plan, 3 steps.
 A failing scenario records its traceback instead of results, so the other scenarios still report; a rank that fails
 alone leaves the other in a collective until the group's 120 s timeout.
 """
@@ -184,7 +185,26 @@ def _transformers(out: str) -> dict:
     return result
 
 
+def _transformers_bf16(out: str) -> dict:
+    """bf16 weights with the fp32 islands (`sinks`, norms, mHC...), the plugin's default FSDP plan: 3 steps."""
+    from transformers.distributed import DistributedConfig
+
+    from modeling_deepseek_v4 import DeepseekV4ExtForCausalLM
+    from modeling_deepseek_v4.fsdp_support import freeze_untrained_parameters
+
+    config = DistributedConfig(fsdp_size=dist.get_world_size())
+    model = DeepseekV4ExtForCausalLM.from_pretrained(
+        os.path.join(out, "init"), dtype=torch.bfloat16, distributed_config=config
+    ).train()
+    freeze_untrained_parameters(model)
+    optimizer = optimizer_for(model)
+    result = {"layout": layout(model), "dtypes": {n: p.dtype for n, p in model.named_parameters()}}
+    result["losses"] = [train_step(model, optimizer, rows(ids)) for ids in batches()]
+    return result
+
+
 SCENARIOS = {
+    "transformers_bf16": _transformers_bf16,
     "accelerate_full": lambda out: _accelerate(out, lora=False),
     "accelerate_lora": lambda out: _accelerate(out, lora=True),
     "transformers": _transformers,

@@ -7,7 +7,8 @@ shapes; buffers, sharded by quantized_parallel.py): each rank holds only its sli
 `save_pretrained` from the TP ranks writes the full tensors back byte for byte. Training: one backward under TP and
 under TP + EP (transformers picks `all_to_all` when gradients flow) gives the single-process gradients (atol 1e-5,
 rtol 1e-4), including the shared KV head's and the compressor's, whose per-rank gradients are partial; also with the
-quantized storage (gradients of the parameters around the frozen FP8 / FP4 weights).
+quantized storage (gradients of the parameters around the frozen FP8 / FP4 weights). Greedy `generate` with the
+cache on the ranks (dense TP, quantized TP + EP) gives the one-process tokens.
 
 One spawn runs every scenario (process start-up and imports dominate on 2 cores); each test reads its result."""
 
@@ -74,6 +75,22 @@ def _inputs() -> dict[str, torch.Tensor]:
     mask = torch.ones_like(ids)
     mask[1, :5] = 0
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def _prompt() -> dict[str, torch.Tensor]:
+    """Two prompts of 160 tokens (many compressed entries, the indexer selecting), the second left-padded by 20."""
+    ids = torch.randint(2, 97, (2, 160), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[1, :20] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _generate(model) -> torch.Tensor:
+    """Greedy decoding with the cache: 8 new tokens after `_prompt()`."""
+    return model.generate(**_prompt(), max_new_tokens=8, do_sample=False, pad_token_id=0)
+
+
+GENERATED = ("tp", "fp4_ep_all_reduce")  # multi-rank inference with the cache: dense TP, quantized TP + EP
 
 
 def _local_shapes(model) -> dict[str, tuple[int, ...]]:
@@ -143,6 +160,8 @@ def _worker(rank: int, port: int, folders: dict[str, str], out: str) -> None:
                 with torch.no_grad():
                     logits = model(**_inputs(), use_cache=False).logits
                 results[name] = {"logits": logits, "shapes": _local_shapes(model), "plan": dict(model.tp_plan)}
+                if name in GENERATED:
+                    results[name]["generated"] = _generate(model)
                 if name == "fp4_tp":  # every rank takes part in gathering the shards; rank 0 writes
                     model.save_pretrained(f"{out}/saved_fp4_tp")
                     model.to(torch.float32)  # a cast re-wraps the sharded buffers, leaving their bytes alone
@@ -172,6 +191,7 @@ def runs(tmp_path_factory):
         with torch.no_grad():
             reference[kind] = model(**_inputs(), use_cache=False).logits
         reference[f"{kind}_state"] = {k: v.clone() for k, v in model.state_dict().items()}
+        reference[f"{kind}_generated"] = _generate(model)
         inputs = _inputs()
         model.train()(**inputs, labels=inputs["input_ids"], use_cache=False).loss.backward()
         names = GRAD_NAMES if kind == "dense" else QUANTIZED_GRAD_NAMES
@@ -247,6 +267,17 @@ def test_quantized_storage_matches_single_process(runs, name):
     else:  # whole experts, 2 of 4 per rank
         assert shapes["gate_up_proj"] == (2, 128, 32) and shapes["gate_up_proj_scale"] == (2, 128, 2)
         assert shapes["down_proj"] == (2, 64, 32) and shapes["num_experts"] == (2,)
+
+
+@pytest.mark.parametrize("name", GENERATED)
+def test_generate_on_ranks_matches_single_process(runs, name):
+    """Greedy `generate` with the cache (prefill of 160 tokens, left padding, 8 decode steps) on the sharded ranks
+    gives the one-process tokens."""
+    reference, _ = runs
+    expected = reference["fp4_generated" if name.startswith("fp4") else "dense_generated"]
+    assert expected.shape == (2, 168)
+    for result in _ok(runs, name):
+        assert torch.equal(result["generated"], expected)
 
 
 def test_quantized_save_from_tensor_parallel_ranks_is_exact(runs):
