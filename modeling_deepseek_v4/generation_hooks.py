@@ -5,16 +5,20 @@
   prompt-lookup and MTP decoding get a cache that can roll back as many positions as one verification can reject
   (`rollback_horizon`), and an assistant's cache its round's drafts;
 - MTP self-speculative decoding: `generate(..., use_mtp=True)` drafts with the model's own MTP block
-  (`mtp_speculation.py`);
+  (`mtp_speculation.py`); DSpark: `generate(..., use_dspark=True)` drafts blocks with the -0731 drafter
+  (`dspark_drafting.py`), through the same assisted-decoding loop;
 - inputs: the model always gets the 2-D attention mask (it does its own masking).
 """
 
 from __future__ import annotations
 
-from transformers.generation import GenerationMode
+import copy
+
+from transformers.generation import GenerationConfig, GenerationMode
 
 from .cache import DeepseekV4Cache
 from .compat import CACHE_FIELD, cache_of
+from .dspark_drafting import DeepseekV4DSparkCandidateGenerator, capture_taps
 from .mtp_speculation import build_mtp_candidate_generator
 from .static_cache import NO_ROLLBACK_MESSAGE, DeepseekV4StaticCache
 
@@ -26,6 +30,8 @@ def rollback_horizon(generation_config, prompt_length: int, assistant_model=None
     budget = max((generation_config.max_length or 0) - prompt_length, 1)
     if generation_config.prompt_lookup_num_tokens is not None:
         return min(budget, generation_config.prompt_lookup_num_tokens)
+    if getattr(generation_config, "use_dspark", False):
+        return min(budget, getattr(generation_config, "dspark_block_size", None) or 1)
     if generation_config.use_mtp:
         return min(budget, getattr(generation_config, "mtp_num_drafts", None) or 1)
     drafting = assistant_model.generation_config if assistant_model is not None else generation_config
@@ -38,6 +44,36 @@ def rollback_horizon(generation_config, prompt_length: int, assistant_model=None
 
 class DeepseekV4GenerationHooks:
     """Overrides of `GenerationMixin` internals; `self.config` is a `DeepseekV4ExtConfig`."""
+
+    def generate(self, *args, use_dspark: bool | None = None, dspark_confidence_threshold=None, **kwargs):
+        """transformers' `generate`; `use_dspark=True` (or a `GenerationConfig` with `use_dspark=True`) drafts with the
+        DSpark drafter of a -0731 / -DSpark checkpoint (dspark_drafting.py), `dspark_confidence_threshold` cutting
+        each draft at its first position of lower confidence."""
+        config = kwargs.get("generation_config")
+        if use_dspark is None:
+            use_dspark = bool(getattr(config, "use_dspark", False))
+        if not use_dspark:
+            return super().generate(*args, **kwargs)
+        if getattr(self.model, "dspark", None) is None:
+            raise ValueError(
+                "use_dspark=True needs the DSpark drafter of a DeepSeek-V4-Flash-0731 / -DSpark checkpoint "
+                "(`model.model.dspark`); this model has none. For the MTP block use use_mtp=True."
+            )
+        # DSpark rides on transformers' assisted-decoding loop, which `use_mtp` selects (GenerationConfig field)
+        config = copy.deepcopy(config if config is not None else self.generation_config or GenerationConfig())
+        # generation arguments go into the copy (transformers deprecates passing both), the rest stay model kwargs
+        kwargs = config.update(**{k: v for k, v in kwargs.items() if k != "generation_config"})
+        config.use_mtp = config.use_dspark = True
+        config.dspark_block_size = self.config.dspark_block_size
+        if dspark_confidence_threshold is not None:
+            config.dspark_confidence_threshold = dspark_confidence_threshold
+        kwargs["generation_config"] = config
+        with capture_taps(self) as taps:
+            self._dspark_taps = taps
+            try:
+                return super().generate(*args, **kwargs)
+            finally:
+                self._dspark_taps = None
 
     def _prepare_cache_for_generation(
         self, generation_config, model_kwargs, generation_mode=None, batch_size=None, max_cache_length=None, *args
@@ -81,6 +117,13 @@ class DeepseekV4GenerationHooks:
         if isinstance(cache, DeepseekV4Cache):
             horizon = rollback_horizon(generation_config, input_ids.shape[-1], kwargs.get("assistant_model"))
             cache.ensure_rollback(horizon, exact=True)
+        if getattr(generation_config, "use_dspark", False):
+            if kwargs.get("assistant_model") is not None or generation_config.prompt_lookup_num_tokens is not None:
+                raise ValueError("use_dspark=True drafts with the model's own drafter; drop assistant_model / lookup.")
+            logits_processor = kwargs.get("logits_processor", args[1] if len(args) > 1 else None)
+            return DeepseekV4DSparkCandidateGenerator(
+                self, generation_config, input_ids, logits_processor, model_kwargs, self._dspark_taps
+            )
         if generation_config.use_mtp:
             return build_mtp_candidate_generator(self, generation_config, input_ids, *args, **kwargs)
         return super()._get_candidate_generator(generation_config, input_ids, *args, **kwargs)
