@@ -1,5 +1,5 @@
-"""The DSpark speculative drafter of `DeepSeek-V4-Flash-0731` / `-Flash-DSpark`, held as `model.dspark` (weights
-only: drafting itself is not implemented yet).
+"""The DSpark speculative drafter of `DeepSeek-V4-Flash-0731` / `-Flash-DSpark`, held as `model.dspark`: its modules
+and weights. Drafting with it (`generate(..., use_dspark=True)`) is `dspark_drafting.py`.
 
 Facts this module relies on (docs/dspark.md §2.2-2.4, restated; official-format.md §11):
 
