@@ -180,8 +180,9 @@ class _GroupedLoraLayer(nn.Module, LoraLayer):
             return
         if self._quantized_backup is not None:  # restore the quantized bytes saved before the first merge
             base = self.get_base_layer()
+            read = getattr(base, "stored", None) or (lambda n: getattr(base, n))
             for name, saved in self._quantized_backup.items():
-                getattr(base, name).copy_(saved)
+                read(name).copy_(saved)
             self._quantized_backup = None
             self.merged_adapters.clear()
             return
@@ -200,13 +201,13 @@ class _GroupedLoraLayer(nn.Module, LoraLayer):
                 # shared expert factors give one [1, out, in] delta for the whole [E, out, in] bank
                 weight.add_(delta.expand_as(weight) if delta.shape != weight.shape else delta, alpha=sign)
             return
-        before = {n: getattr(base, n).clone() for n in stored}
+        # this rank's slice when the storage is sharded (tensor / expert parallelism: quantized_parallel.py)
+        read = getattr(base, "stored", None) or (lambda n: getattr(base, n))
+        before = {n: read(n).clone() for n in stored}
         if self._quantized_backup is None:  # the bytes before the first merge: what unmerge restores
             self._quantized_backup = before
         self._requantize(base, deltas)
-        changed = sum(
-            int((getattr(base, n) != before[n]).reshape(before[n].shape[0], -1).any(-1).sum()) for n in stored
-        )
+        changed = sum(int((read(n) != before[n]).reshape(before[n].shape[0], -1).any(-1).sum()) for n in stored)
         self.merge_report = {
             "quantized_rows_changed": changed,
             "quantized_rows": sum(t.shape[0] for t in before.values()),

@@ -239,7 +239,7 @@ class DeepseekV4QuantizedExperts(_KeepsStorageDtype, nn.Module):
     def load_dense(self, gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> None:
         """Quantize dense `[E, 2I, d]` / `[E, d, I]` banks into this module (official rules, one expert at a time)."""
         for name, w in (("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
-            data, scale = getattr(self, name), getattr(self, name + "_scale_inv")
+            data, scale = self.stored(name), self.stored(name + "_scale_inv")  # in place, this rank's slice
             for e in range(w.shape[0]):
                 q, s = self.format.quantize(w[e].detach().float(), scale.dtype, self._HALVES[name])
                 data[e].copy_(q.view(data.dtype))

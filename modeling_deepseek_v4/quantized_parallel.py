@@ -11,9 +11,9 @@ same plan rules, before any weight is read:
 - the scales take the data's placement (same dims, one scale row / column per block), so a slice must cover whole
   scale blocks: checked here with an error naming the module, the sizes and what to do;
 - transformers' loader then reads only this rank's slice of each tensor (`DtensorShardOperation`, shard-on-read: a
-  rank never holds the whole bank), and `save_pretrained` gathers them back (`gather_state_dict_for_save` gathers
-  every DTensor in the state dict; float8 ones go as bytes, which gloo can all-gather); the forwards use the local
-  slice (`_KeepsStorageDtype.stored`).
+  rank never holds the whole bank), and `state_dict()` gives them whole (`gather_buffers`, a collective: float8
+  goes as bytes, which gloo can all-gather), so `save_pretrained` and PEFT's adapter save work; the forwards use the
+  local slice (`_KeepsStorageDtype.stored`).
 
 The rules naming such buffers (`experts.gate_up_proj: grouped_gemm`, `o_a_proj.weight: colwise`...) are taken out of
 the model's plan before transformers validates it, which would otherwise warn that they "match nothing" (it lists
@@ -133,6 +133,7 @@ def shard_quantized_buffers(model: nn.Module, mesh_manager, tp_plan: dict, ep_pl
             # transformers' colwise / rowwise styles then run the forward on local tensors in training too
             module._hf_quantized_needs_local_tp = True
         module._buffers_sharded = True
+        module.register_state_dict_post_hook(gather_buffers)
 
 
 class QuantizedParallelMixin:
@@ -147,17 +148,21 @@ class QuantizedParallelMixin:
         shard_quantized_buffers(self, self._mesh_manager, tp_plan, ep_plan, taken)
         return tp_plan, ep_plan, fsdp_plan
 
-    def gather_sharded_state_dict_for_save(self, model_to_save, state_dict, distributed_config, **kwargs):
-        # gloo cannot all-gather float8 (FP8 weights, E8M0 scales): gather their bytes, then view them back
-        state_dict = {key: _gather_float8(value) for key, value in state_dict.items()}
-        return super().gather_sharded_state_dict_for_save(model_to_save, state_dict, distributed_config, **kwargs)
 
-
-def _gather_float8(tensor):
-    """A sharded 1-byte float tensor gathered whole through a uint8 view; anything else unchanged."""
-    if not hasattr(tensor, "device_mesh") or tensor.element_size() != 1 or not tensor.dtype.is_floating_point:
-        return tensor
-    return rewrap_like(local_tensor(tensor).view(torch.uint8), tensor).full_tensor().view(tensor.dtype)
+def gather_buffers(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    """State-dict post-hook of a module with sharded quantized buffers: each comes out whole (float8 through a uint8
+    view: gloo cannot all-gather float8), whoever asks (transformers' `save_pretrained`, PEFT's adapter save, which
+    gathers every DTensor of the model itself). A collective: every rank calls `state_dict()`, as those do."""
+    for name in module._quantized_buffers:
+        value = state_dict.get(prefix + name)
+        # meta: transformers' loader reads the placeholders' placements from `state_dict()` (shard-on-read)
+        if not hasattr(value, "device_mesh") or value.is_meta:
+            continue
+        if value.element_size() == 1 and value.dtype.is_floating_point:
+            full = rewrap_like(local_tensor(value).view(torch.uint8), value).full_tensor().view(value.dtype)
+        else:
+            full = value.full_tensor()
+        state_dict[prefix + name] = full
 
 
 __all__ = ["QuantizedParallelMixin", "shard_quantized_buffers", "take_buffer_rules"]

@@ -26,12 +26,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tests.distributed.gloo import free_port, process_group
-from tests.distributed.test_tensor_expert_parallel import WORLD, _inputs
+from tests.distributed.test_tensor_expert_parallel import QUANTIZED, WORLD, _inputs
 
 pytest.importorskip("peft")
 
 ATOL = RTOL = 1e-5
-SCENARIOS = {"per_expert": {}, "shared": {"rank_pattern": {"experts.shared": 1}}}
+SCENARIOS = {"per_expert": {}, "shared": {"rank_pattern": {"experts.shared": 1}}, "fp4_per_expert": {}}
+# The model of each scenario: dense, or kept like the official files (FP4 experts, FP8 linears: merging re-quantizes
+# this rank's experts, byte for byte as one process does).
+MODELS = {"per_expert": {}, "shared": {}, "fp4_per_expert": QUANTIZED}
 
 
 def _lora(model, scenario: str):
@@ -78,7 +81,7 @@ def _run(model, offsets: dict[str, int]) -> dict:
     return {"logits": logits, "train_logits": output.logits.detach(), "grads": grads, "merged": merged, **offsets}
 
 
-def _worker(rank: int, port: int, folder: str, out: str) -> None:
+def _worker(rank: int, port: int, folders: dict[str, str], out: str) -> None:
     with process_group(rank, WORLD, port, timeout_s=60):
         from transformers.distributed import DistributedConfig
 
@@ -90,7 +93,7 @@ def _worker(rank: int, port: int, folder: str, out: str) -> None:
         results, failed = {}, None
         try:  # routed experts split by TP (intermediate dim): refused when the LoRA layers are made
             model = DeepseekV4ExtForCausalLM.from_pretrained(
-                folder, distributed_config=DistributedConfig(tp_plan=head or None, tp_size=2)
+                folders["per_expert"], distributed_config=DistributedConfig(tp_plan=head or None, tp_size=2)
             )
             _lora(model, "per_expert")
             results["tp_only"] = {"error": "none"}
@@ -102,6 +105,7 @@ def _worker(rank: int, port: int, folder: str, out: str) -> None:
                 continue
             try:
                 config = DistributedConfig(tp_plan=head or None, tp_size=2, ep_size=2)
+                folder = folders[scenario]
                 model = DeepseekV4ExtForCausalLM.from_pretrained(folder, distributed_config=config)
                 peft_model, offsets = _lora(model, scenario)
                 results[scenario] = _run(peft_model, offsets)
@@ -126,16 +130,19 @@ def runs(tmp_path_factory):
     from tests.conftest import tiny_model
 
     root = tmp_path_factory.mktemp("lora_ep")
-    model = tiny_model("flash")
-    model.save_pretrained(root / "model")
-    with torch.no_grad():
-        reference = {"base": model(**_inputs(), use_cache=False).logits}
+    reference, folders = {}, {}
+    for scenario, overrides in MODELS.items():
+        model = tiny_model("flash", **overrides)
+        folders[scenario] = str(root / f"model_{scenario}")
+        model.save_pretrained(folders[scenario])
+        with torch.no_grad():
+            reference[f"base_{scenario}"] = model(**_inputs(), use_cache=False).logits
     for scenario in SCENARIOS:
-        peft_model, offsets = _lora(tiny_model("flash"), scenario)
+        peft_model, offsets = _lora(tiny_model("flash", **MODELS[scenario]), scenario)
         reference[scenario] = _run(peft_model, offsets)
         peft_model.save_pretrained(root / f"single_{scenario}")
     # fork, not spawn: the ranks inherit the imported modules (see test_tensor_expert_parallel.py)
-    mp.start_processes(_worker, args=(free_port(), str(root / "model"), str(root)), nprocs=WORLD, start_method="fork")
+    mp.start_processes(_worker, args=(free_port(), folders, str(root)), nprocs=WORLD, start_method="fork")
     reference["root"] = root
     return reference, [torch.load(root / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
@@ -151,7 +158,7 @@ def _ok(runs, scenario: str) -> list[dict]:
 def test_logits_match_single_process(runs, scenario):
     reference, _ = runs
     ref = reference[scenario]
-    assert not torch.allclose(ref["logits"], reference["base"], atol=1e-3), "the LoRA factors change nothing"
+    assert not torch.allclose(ref["logits"], reference[f"base_{scenario}"], atol=1e-3), "the LoRA changes nothing"
     for result in _ok(runs, scenario):
         for key in ("logits", "train_logits", "merged"):
             torch.testing.assert_close(result[key], ref[key], atol=ATOL, rtol=RTOL, msg=lambda m, k=key: f"{k}: {m}")
@@ -196,7 +203,7 @@ def test_adapter_saved_under_expert_parallelism_holds_every_expert(runs, scenari
     assert saved.keys() == single.keys() and len(saved) >= 4
     for key, tensor in saved.items():
         assert torch.equal(tensor, single[key]), key
-    model = load_expert_lora(tiny_model("flash"), root / f"adapter_{scenario}")
+    model = load_expert_lora(tiny_model("flash", **MODELS[scenario]), root / f"adapter_{scenario}")
     with torch.no_grad():
         logits = model.eval()(**_inputs(), use_cache=False).logits
     torch.testing.assert_close(logits, reference[scenario]["logits"], atol=ATOL, rtol=RTOL)
