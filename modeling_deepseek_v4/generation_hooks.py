@@ -59,21 +59,25 @@ class DeepseekV4GenerationHooks:
                 "use_dspark=True needs the DSpark drafter of a DeepSeek-V4-Flash-0731 / -DSpark checkpoint "
                 "(`model.model.dspark`); this model has none. For the MTP block use use_mtp=True."
             )
-        # DSpark rides on transformers' assisted-decoding loop, which `use_mtp` selects (GenerationConfig field)
+        # DSpark rides on transformers' assisted-decoding loop, which `use_mtp` selects (GenerationConfig field).
+        # The flags go on a copy of the config generate starts from: the caller's, or the model's own (swapped in
+        # for this call, so that keyword arguments still apply on top of it, explicit None values included).
         config = copy.deepcopy(config if config is not None else self.generation_config or GenerationConfig())
-        # generation arguments go into the copy (transformers deprecates passing both), the rest stay model kwargs
-        kwargs = config.update(**{k: v for k, v in kwargs.items() if k != "generation_config"})
         config.use_mtp = config.use_dspark = True
         config.dspark_block_size = self.config.dspark_block_size
         if dspark_confidence_threshold is not None:
             config.dspark_confidence_threshold = dspark_confidence_threshold
-        kwargs["generation_config"] = config
+        own = self.generation_config
+        if "generation_config" in kwargs:
+            kwargs["generation_config"] = config
+        else:
+            self.generation_config = config
         with capture_taps(self) as taps:
             self._dspark_taps = taps
             try:
                 return super().generate(*args, **kwargs)
             finally:
-                self._dspark_taps = None
+                self._dspark_taps, self.generation_config = None, own
 
     def _prepare_cache_for_generation(
         self, generation_config, model_kwargs, generation_mode=None, batch_size=None, max_cache_length=None, *args
