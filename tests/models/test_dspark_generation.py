@@ -272,3 +272,43 @@ def test_sampling_keeps_the_target_distribution():
     for j in range(3):
         p = chi_square_two_sample(counts[False][j], counts[True][j])
         assert p > 1e-3, (j, p, sorted(counts[False][j].items()), sorted(counts[True][j].items()))
+
+
+def test_sampled_drafts_follow_the_logits_handed_to_the_verifier():
+    """Lossless speculative sampling (transformers' `_speculative_sampling`, DeepSpec's verifier) holds only if each
+    draft token is drawn from exactly the distribution whose logits the candidate generator returns (after the
+    logits processors, Markov bias included). Many draws of the first draft row from one fixed state: their
+    frequencies against softmax(returned logits) (chi-square goodness of fit, p > 1e-3), the returned logits the same
+    on every draw. A drafter sharpened (norm x 10) so that a wrong temperature or a lost processor shows."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper
+    from transformers.generation import GenerationConfig
+
+    model = dspark_model(2)
+    with torch.no_grad():
+        model.model.dspark.norm.weight.mul_(10.0)  # top draft probability ~0.25, ~20 tokens above 1%
+    ids = prompt(40, 5)
+    config = GenerationConfig(do_sample=True, max_length=60, use_dspark=True)
+    processors = LogitsProcessorList([TemperatureLogitsWarper(0.7)])
+    with torch.no_grad(), drafting.capture_taps(model) as taps:
+        anchor = model(ids).logits[:, -1].argmax(-1, keepdim=True)  # the prefill leaves its taps
+        state = {i: t.clone() for i, t in taps.items()}
+    candidates = torch.cat([ids, anchor], dim=1)
+    counts, first_logits = collections.Counter(), None
+    n = 1500
+    for seed in range(n):
+        generator = DeepseekV4DSparkCandidateGenerator(model, config, candidates, processors, {}, dict(state))
+        torch.manual_seed(seed)
+        drafted, logits = generator.get_candidates(candidates, n_last_matches=0)
+        counts[int(drafted[0, candidates.shape[1]])] += 1
+        if first_logits is None:
+            first_logits = logits[0, 0]
+        torch.testing.assert_close(logits[0, 0], first_logits, atol=0, rtol=0)
+    expected = torch.softmax(first_logits.double(), -1) * n
+    assert expected.max() < 0.9 * n  # not one-hot: the test could see a wrong distribution
+    big = [t for t in range(expected.numel()) if expected[t] >= 5]
+    observed = [counts[t] for t in big] + [n - sum(counts[t] for t in big)]
+    wanted = [float(expected[t]) for t in big] + [n - float(sum(expected[t] for t in big))]
+    pairs = [(o, e) for o, e in zip(observed, wanted) if e > 0]
+    stat = sum((o - e) ** 2 / e for o, e in pairs)
+    p = float(torch.special.gammaincc(torch.tensor((len(pairs) - 1) / 2, dtype=torch.float64), torch.tensor(stat / 2)))
+    assert p > 1e-3, (p, stat, len(pairs))
