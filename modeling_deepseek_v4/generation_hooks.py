@@ -42,6 +42,17 @@ def rollback_horizon(generation_config, prompt_length: int, assistant_model=None
     return budget
 
 
+def refuse_under_pipeline(model, mode: str) -> None:
+    """Speculative decoding with the model's own MTP block / DSpark drafter needs the final streams, which only the
+    last pipeline stage has (pipeline_support.py): refuse it on every stage alike, with the reason."""
+    stage = getattr(model, "_pp_stage", None)
+    if stage is not None and stage.pp_size > 1:
+        raise NotImplementedError(
+            f"{mode} is not supported under pipeline parallelism (pp_size={stage.pp_size}): the drafter needs the "
+            "final mHC streams, which only the last stage holds. Generate without it, or load with tp_size / ep_size."
+        )
+
+
 class DeepseekV4GenerationHooks:
     """Overrides of `GenerationMixin` internals; `self.config` is a `DeepseekV4ExtConfig`."""
 
@@ -54,6 +65,7 @@ class DeepseekV4GenerationHooks:
             use_dspark = bool(getattr(config, "use_dspark", False))
         if not use_dspark:
             return super().generate(*args, **kwargs)
+        refuse_under_pipeline(self, "use_dspark=True")
         if getattr(self.model, "dspark", None) is None:
             raise ValueError(
                 "use_dspark=True needs the DSpark drafter of a DeepSeek-V4-Flash-0731 / -DSpark checkpoint "
@@ -129,6 +141,7 @@ class DeepseekV4GenerationHooks:
                 self, generation_config, input_ids, logits_processor, model_kwargs, self._dspark_taps
             )
         if generation_config.use_mtp:
+            refuse_under_pipeline(self, "use_mtp=True")
             return build_mtp_candidate_generator(self, generation_config, input_ids, *args, **kwargs)
         return super()._get_candidate_generator(generation_config, input_ids, *args, **kwargs)
 

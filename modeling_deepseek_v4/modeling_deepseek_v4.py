@@ -49,6 +49,7 @@ from .moe import (
 from .norm import DeepseekV4RMSNorm
 from .packing import PACKING_KWARGS, forward_packed, mask_document_starts, packed_spans
 from .parallel_plans import CAUSAL_LM_FSDP_PLAN, CAUSAL_LM_PP_PLAN, CAUSAL_LM_TP_PLAN
+from .pipeline_support import PipelineParallelMixin
 from .pretrained_io import DeepseekV4PretrainedIO
 from .quantized_modules import build_quantized_modules, init_quantized_module
 from .quantized_parallel import QuantizedParallelMixin
@@ -81,7 +82,7 @@ class DeepseekV4CausalLMOutput(MoeCausalLMOutputWithPast):
 
 
 class DeepseekV4ExtPreTrainedModel(
-    QuantizedParallelMixin, ExpertsImplementationMixin, DeepseekV4PretrainedIO, PreTrainedModel
+    PipelineParallelMixin, QuantizedParallelMixin, ExpertsImplementationMixin, DeepseekV4PretrainedIO, PreTrainedModel
 ):
     config: DeepseekV4ExtConfig
     config_class = DeepseekV4ExtConfig
@@ -237,8 +238,10 @@ class DeepseekV4ExtModel(DeepseekV4ExtPreTrainedModel):
         documents: positions that restart inside a row, or `cu_seq_lens_q`, run each document as its own row
         (`packing.py`).
         The cache comes as `cache=` (transformers >= 5.24) or `past_key_values=` (its older name); the output
-        carries it under both names (compat.py)."""
+        carries it under both names (compat.py). `input_streams` `[B, S, n, d]` (internal, pipeline_support.py): a
+        later pipeline stage starts from the previous stage's streams instead of the embeddings."""
         check_inputs(input_ids, inputs_embeds)
+        input_streams = kwargs.pop("input_streams", None)
         spans = packed_spans(position_ids, attention_mask, kwargs)
         if spans is not None:  # several documents per row (TRL padding-free / packing): one row each, then back
             return forward_packed(
@@ -251,9 +254,10 @@ class DeepseekV4ExtModel(DeepseekV4ExtPreTrainedModel):
         output_hidden_states = bool(
             self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         )
-        if inputs_embeds is None:
+        if inputs_embeds is None and input_streams is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        b, s = inputs_embeds.shape[:2]
+        x = inputs_embeds if input_streams is None else input_streams
+        b, s = x.shape[:2]
         cache = self._resolve_cache(pick_cache(cache, past_key_values), use_cache)
         if isinstance(cache, DeepseekV4StaticCache) and cache.ready and s == 1:
             hidden = self._decode_step(inputs_embeds, input_ids, cache)
@@ -262,20 +266,22 @@ class DeepseekV4ExtModel(DeepseekV4ExtPreTrainedModel):
         valid = valid_tokens(attention_mask, b, s)
         if valid is None:
             order = None
-            lengths = torch.full((b,), s, dtype=torch.long, device=inputs_embeds.device)
+            lengths = torch.full((b,), s, dtype=torch.long, device=x.device)
         else:
             # Stable sort puts each row's real tokens first, in order; pads go to the end.
             order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)
-            inputs_embeds, input_ids = rows_gather(inputs_embeds, order), rows_gather(input_ids, order)
+            x, input_ids = rows_gather(x, order), rows_gather(input_ids, order)
             lengths = valid.sum(dim=1)
-        start = cache.start_positions(b, inputs_embeds.device) if cache is not None else torch.zeros_like(lengths)
+        start = cache.start_positions(b, x.device) if cache is not None else torch.zeros_like(lengths)
         meta = BatchMeta(start, lengths, s, self.rope_tables)
 
         inverse = None if order is None else torch.argsort(order, dim=1)
         restore = (lambda t: t) if inverse is None else (lambda t: rows_gather(t, inverse))
-        hidden = inputs_embeds.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1)
+        hidden = x if input_streams is not None else x.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1)
         all_hidden, routers, indexer_losses = [], [], []
         for i, layer in enumerate(self.layers):
+            if isinstance(layer, nn.Identity):  # another pipeline stage's layer (transformers' PipelineIdentityLayer)
+                continue
             if output_hidden_states:
                 all_hidden.append(restore(hidden))
                 # Continue from the returned tensor (a permutation there and back, exact) so that it lies on the
@@ -292,6 +298,7 @@ class DeepseekV4ExtModel(DeepseekV4ExtPreTrainedModel):
             if isinstance(cache, DeepseekV4StaticCache) and not cache.ready:
                 cache.freeze_shapes(self.config)
         streams = hidden
+        # Before the last pipeline stage `hc_head` and `norm` are identities: the streams go out (pipeline_support.py).
         hidden = restore(self.norm(self.hc_head(hidden)))
         if output_hidden_states:
             all_hidden.append(hidden)

@@ -28,6 +28,9 @@ Expert parallelism (EP): `E / ep_size` whole experts per rank (`grouped_gemm`, S
 `E / ep_size` and are dropped by `DeepseekV4Experts.forward`); otherwise `all_to_all` token exchange. Routing (score
 or hash) runs replicated before dispatch, so hash layers need nothing special.
 
+Pipeline parallelism (PP, inference only): transformers splits `layers` evenly over the stages; pipeline_support.py
+hands the mHC streams `[B, S, n_hc, d]` from stage to stage (`BASE_MODEL_PP_PLAN` describes it).
+
 Weights kept quantized in buffers (FP8 linears, FP4 / FP8 expert banks, quantized_modules.py) are not parameters,
 which this engine alone shards (`_expand_parallel_plan` lists `module.named_parameters(recurse=False)`, styles read
 `module._parameters`, shard-on-read `DtensorShardOperation` applies to DTensors): quantized_parallel.py gives them the
@@ -73,10 +76,14 @@ BASE_MODEL_EP_PLAN = {
     "layers.*.mlp.experts": "ep_dispatch_experts",
 }
 
-# As native's; the stages hand over the mHC streams `[B, S, n_hc, d]` as `hidden_states`.
+# What each pipeline stage takes and gives (`DistributedConfig(pp_size=N)`, inference; pipeline_support.py runs it).
+# Descriptive: transformers 5.23 / 5.24 keep it as `model.pp_plan` but split `layers` by count alone. Between stages go
+# the mHC streams `[B, S, n_hc, d]` (`hidden_states` here), and every stage reads `input_ids` (hash-routed layers)
+# and the mask; the last stage collapses the streams (`hc_head`, then `norm`) and holds the MTP block.
 BASE_MODEL_PP_PLAN = {
     "embed_tokens": (["input_ids"], ["inputs_embeds"]),
-    "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
+    "layers": (["hidden_states", "input_ids", "attention_mask"], ["hidden_states"]),
+    "hc_head": (["hidden_states"], ["hidden_states"]),
     "norm": (["hidden_states"], ["hidden_states"]),
 }
 
