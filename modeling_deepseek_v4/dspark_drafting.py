@@ -81,14 +81,31 @@ def dspark_attention(attn, x: torch.Tensor, ring_keys: torch.Tensor, cos, sin) -
     return attn.o_b_proj(attn.o_a_proj(out.reshape(b, w, -1, attn.num_heads * attn.head_dim // attn.o_groups)))
 
 
+@contextlib.contextmanager
+def loaded(module: torch.nn.Module) -> Iterator[torch.device]:
+    """Inside, every tensor of `module` is on its execution device; yields that device. The drafting calls a stage's
+    submodules one by one, not the stage's `forward`, so accelerate's offload hooks (`device_map` with "disk" / "cpu"
+    offload, `cpu_offload`: `_hf_hook` on a block or on each module) are run here around the whole use instead."""
+    hooked = [m for m in module.modules() if getattr(m, "_hf_hook", None) is not None]
+    for m in hooked:
+        m._hf_hook.pre_forward(m)
+    try:
+        yield next(t.device for t in module.parameters())
+    finally:
+        for m in hooked:
+            m._hf_hook.post_forward(m, None)
+
+
 def context_keys(drafter, taps: torch.Tensor, cos, sin) -> list[torch.Tensor]:
     """taps `[B, n, k d]` (hc-averaged outputs of the target layers) -> per stage the ring keys `[B, n, D]`."""
     main_x = drafter.main_norm(drafter.main_proj(taps.to(drafter.main_norm.weight.dtype)))
     keys = []
     for layer in drafter.layers:
-        attn = layer.self_attn
-        kv = apply_rope(attn.kv_norm(attn.kv_proj(main_x.to(attn.kv_norm.weight.dtype))), cos, sin)
-        keys.append(kv_fp8_roundtrip(kv, attn.rope_dim) if attn.reference_numerics else kv)
+        with loaded(layer) as device:
+            attn = layer.self_attn
+            x = main_x.to(device, attn.kv_norm.weight.dtype)
+            kv = apply_rope(attn.kv_norm(attn.kv_proj(x)), cos.to(device), sin.to(device))
+            keys.append(kv_fp8_roundtrip(kv, attn.rope_dim) if attn.reference_numerics else kv)
     return keys
 
 
@@ -107,12 +124,15 @@ def draft_block(
     Returns (tokens `[B, W]`, Markov-corrected logits as picked from `[B, W, V]` fp32, confidence logits `[B, W]`)."""
     x = embeds.unsqueeze(2).expand(-1, -1, drafter.hc_head.hc_mult, -1)
     for s, layer in enumerate(drafter.layers):
-        collapsed, post, comb = layer.attn_hc(x)
-        attn_out = dspark_attention(layer.self_attn, layer.input_layernorm(collapsed), ring.valid(s), cos, sin)
-        x = layer.attn_hc.expand(attn_out, x, post, comb)
-        collapsed, post, comb = layer.ffn_hc(x)
-        mlp_out, _ = layer.mlp(layer.post_attention_layernorm(collapsed))
-        x = layer.ffn_hc.expand(mlp_out, x, post, comb)
+        with loaded(layer) as device:
+            x, stage_cos, stage_sin = x.to(device), cos.to(device), sin.to(device)
+            collapsed, post, comb = layer.attn_hc(x)
+            normed = layer.input_layernorm(collapsed)
+            attn_out = dspark_attention(layer.self_attn, normed, ring.valid(s).to(device), stage_cos, stage_sin)
+            x = layer.attn_hc.expand(attn_out, x, post, comb)
+            collapsed, post, comb = layer.ffn_hc(x)
+            mlp_out, _ = layer.mlp(layer.post_attention_layernorm(collapsed))
+            x = layer.ffn_hc.expand(mlp_out, x, post, comb)
     y = drafter.hc_head(x)  # [B, W, d], pre-norm: what the confidence head reads
     logits = lm_head(drafter.norm(y).to(lm_head.weight.dtype)).float()
     tokens, picked, confidence, prev = [], [], [], anchor
@@ -205,7 +225,7 @@ class DeepseekV4DSparkCandidateGenerator(CandidateGenerator):
         p = input_ids.shape[1] - 2  # last position the target has processed; the anchor is at p + 1
         n_new = min(taps.shape[1], int(n_last_matches) + 1) if self.prefilled else taps.shape[1]
         self.prefilled = True
-        device = self.drafter.main_norm.weight.device
+        device = input_ids.device  # the ring and positions; each stage moves what it reads to its own device
         positions = torch.arange(p - n_new + 1, p + 1, device=device)
         self.ring.write(context_keys(self.drafter, taps[:, :n_new].to(device), *self._cos_sin(positions)), positions)
 

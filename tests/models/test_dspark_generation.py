@@ -312,3 +312,33 @@ def test_sampled_drafts_follow_the_logits_handed_to_the_verifier():
     stat = sum((o - e) ** 2 / e for o, e in pairs)
     p = float(torch.special.gammaincc(torch.tensor((len(pairs) - 1) / 2, dtype=torch.float64), torch.tensor(stat / 2)))
     assert p > 1e-3, (p, stat, len(pairs))
+
+
+def test_offloaded_drafter_drafts_like_the_in_memory_one(tmp_path):
+    """accelerate loads offloaded tensors only around a hooked module's `forward`; the drafting calls the stages'
+    submodules directly, so it runs the hooks itself (`dspark_drafting.loaded`). With `device_map` disk offload the
+    drafter's tensors really wait on meta before the call, and the tokens and acceptance counts equal the in-memory
+    model's. (`accelerate.cpu_offload` puts `model.device` on meta, where transformers' assisted loop moves the
+    candidates: like MTP, speculative decoding needs a `device_map`, README.)"""
+    from accelerate.utils import compute_module_sizes
+
+    model = dspark_model(4)
+    ids = prompt(200, 6)
+    kw = dict(KW, max_new_tokens=16)
+    expected = model.generate(ids, use_dspark=True, **kw)
+    stats = model.last_dspark_stats
+    assert torch.equal(expected, model.generate(ids, **kw))
+    model.save_pretrained(tmp_path / "model")
+    budget = compute_module_sizes(model)[""] // 2  # the later layers, the head and the drafter go to disk
+    offloaded = DeepseekV4ExtForCausalLM.from_pretrained(
+        tmp_path / "model",
+        dtype=torch.float32,
+        device_map="auto",
+        max_memory={"cpu": budget},
+        offload_folder=str(tmp_path / "offload"),
+        offload_buffers=True,
+    ).eval()
+    assert any(name.startswith("model.dspark") for name, d in offloaded.hf_device_map.items() if d == "disk")
+    assert all(p.is_meta for p in offloaded.model.dspark.parameters())
+    assert torch.equal(offloaded.generate(ids, use_dspark=True, **kw), expected)
+    assert offloaded.last_dspark_stats == stats
