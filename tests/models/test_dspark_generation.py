@@ -55,10 +55,21 @@ def dspark_model(block: int = 4, seed: int = 0) -> DeepseekV4ExtForCausalLM:
 
 
 @pytest.fixture(scope="module")
-def official_model(tmp_path_factory):
+def official_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("dspark-0731")
     make_official_checkpoint(folder, tiny_config(), dspark=True)
-    return DeepseekV4ExtForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def official_model(official_folder):
+    return DeepseekV4ExtForCausalLM.from_pretrained(official_folder, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def official_kept(official_folder):
+    """The same release with its bytes kept (FP8 stages and main_proj, FP4 routed experts, as loaded by default)."""
+    return DeepseekV4ExtForCausalLM.from_pretrained(official_folder).eval()
 
 
 def prompt(length: int, seed: int, batch: int = 1) -> torch.Tensor:
@@ -70,10 +81,14 @@ def target_hooks(model) -> list[int]:
     return [len(model.model.layers[i]._forward_hooks) for i in model.config.dspark_target_layer_ids]
 
 
-@pytest.mark.parametrize("which", ["official", 2, 5])
+@pytest.mark.parametrize("which", ["official", "official_kept", 2, 5])
 def test_greedy_equals_plain_greedy(which, request):
-    model = request.getfixturevalue("official_model") if which == "official" else dspark_model(which)
+    fixtures = {"official": "official_model", "official_kept": "official_kept"}
+    model = request.getfixturevalue(fixtures[which]) if which in fixtures else dspark_model(which)
     assert model.model.dspark is not None
+    if which == "official_kept":  # the drafter computes from the official FP8 / FP4 bytes
+        assert model.model.dspark.main_proj.weight.dtype == torch.float8_e4m3fn
+        assert model.model.dspark.layers[0].mlp.experts.gate_up_proj.dtype == torch.int8
     ids = prompt(300, 1)
     greedy = model.generate(ids, max_new_tokens=32, **KW)
     out = model.generate(ids, max_new_tokens=32, use_dspark=True, **KW)
