@@ -19,10 +19,10 @@ Rows measured only when the package supports them at run time (else "not availab
 - compiled: `cache_implementation="static"`'s `DeepseekV4StaticCache`, eager prefill, then the decode step compiled
   with `model.model.compile_decode()` (inductor, `fullgraph=True`); the warm-up steps include the compilation.
 - Drafters are trained briefly, then measured on a prompt they never saw: the measured prompt is seed 1, the
-  training set the model's own greedy continuations (`--train-new`, 96 tokens) of `--train-prompts` (8) other random
+  training set the model's own greedy continuations (`--train-new`, 96 tokens) of `--train-prompts` (48) other random
   prompts of `--train-len` (256) tokens, seeds 2, 3, ... MTP: only `mtp.*`, `--mtp-train-steps` (60) Adam steps, loss
   on the generated tokens only. DSpark (`build_dspark_model`: the same seed-0 main weights plus a 3-stage drafter,
-  W = 5, last 3 main layers tapped, Markov rank 16): only `model.model.dspark`, `--dspark-train-steps` (300) Adam
+  W = 5, last 3 main layers tapped, Markov rank 16): only `model.model.dspark`, `--dspark-train-steps` (400) Adam
   steps of `train_dspark`, which drafts exactly as `generate(use_dspark=True)` does, with teacher forcing.
 """
 
