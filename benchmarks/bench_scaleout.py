@@ -1,7 +1,8 @@
 """Scale-out benchmark on 2 gloo CPU ranks: tokens/s and peak memory per rank of one process, tensor parallelism
 (`DistributedConfig(tp_size=2)`), expert parallelism (`tp_size=2, ep_size=2`: transformers 5.24 needs EP on top of a
-TP or FSDP mesh of the same ranks) and FSDP2 (`fsdp_size=2`), for a prefill forward and an AdamW training step of the
-same tiny Flash-like model (2 hash-routed layers, CSA and HCA layers, MTP block).
+TP or FSDP mesh of the same ranks), FSDP2 (`fsdp_size=2`) and pipeline parallelism (`pp_size=2`, inference only), for a
+prefill forward and an AdamW training step of the same tiny Flash-like model (2 hash-routed layers, CSA and HCA layers,
+MTP block).
 
 Command (default, a slightly bigger config, a few minutes on 2 vCPUs; `--quick`: the tests' tiny config, < 60 s):
 
@@ -10,8 +11,9 @@ Command (default, a slightly bigger config, a few minutes on 2 vCPUs; `--quick`:
 The figures show the shape of scaling (what each rank holds, what the collectives cost at toy size), not speed: on
 CPU with gloo, 1 thread per rank, a model this small is dominated by Python overhead and communication, and the
 machine's cores are shared. Why each number is what it is:
-- One global batch `[batch, seq]` for every configuration. Single process, TP and EP: every rank runs the whole batch
-  (TP / EP split the weights, not the data); FSDP2: each rank runs `batch / 2` rows (data parallel). tokens/s divides
+- One global batch `[batch, seq]` for every configuration. Single process, TP, EP and PP: every rank runs the whole
+  batch (TP / EP split the weights, PP the layers, not the data; PP's stages run one after the other, transformers'
+  naive schedule); FSDP2: each rank runs `batch / 2` rows (data parallel). tokens/s divides
   the global batch's tokens by the step time, the slowest rank's, median of `--repeats` after 1 warm-up.
 - Peak RSS per rank: `resource.getrusage(RUSAGE_SELF).ru_maxrss` of a process that runs only this configuration,
   forked from a parent that has imported torch / transformers / the plugin (as any launcher would have; re-importing
@@ -100,6 +102,7 @@ CONFIGS = {  # name: (ranks, DistributedConfig kwargs or None for a plain single
     "TP (tp_size=2)": (2, dict(tp_size=2)),
     "EP (tp_size=2, ep_size=2)": (2, dict(tp_size=2, ep_size=2)),
     "FSDP2 (fsdp_size=2)": (2, dict(fsdp_size=2)),
+    "PP (pp_size=2)": (2, dict(pp_size=2)),  # inference only: the engine's schedule has no backward across stages
 }
 MIB = 1024**2
 
@@ -176,6 +179,9 @@ def _rank(rank: int, world: int, port: int, kwargs: dict | None, folder: str, se
 
         record["forward"] = {"times": _timed(forward, setup["repeats"]), "max_rss": _max_rss()}
 
+        if kwargs and kwargs.get("pp_size", 1) > 1:
+            record["train"] = {"refused": "inference only (pipeline_support.py refuses training)"}
+            return
         model.train()
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
@@ -266,6 +272,10 @@ def table(results: dict[str, list[dict]], setup: dict) -> list[str]:
                 error = next(r["error"] for r in records if "error" in r)
                 rows.append(f"| {name} | {label} | {len(records)} | failed: {error} | - | - | - | - | - |")
                 continue
+            if "refused" in records[0][phase]:
+                refused = records[0][phase]["refused"]
+                rows.append(f"| {name} | {label} | {len(records)} | {refused} | - | - | - | - | - |")
+                continue
             step = statistics.median(records[0][phase]["times"])  # equal on every rank (max-reduced)
             peak = _per_rank(records, lambda r, p=phase: f"{r[p]['max_rss'] / MIB:.0f}")
             growth = _per_rank(records, lambda r, p=phase: f"{(r[p]['max_rss'] - r['start_rss']) / MIB:.0f}")
@@ -279,6 +289,8 @@ def table(results: dict[str, list[dict]], setup: dict) -> list[str]:
     for name, records in results.items():
         if not any("error" in r for r in records):
             for phase in ("forward", "train"):
+                if "times" not in records[0][phase]:
+                    continue
                 rows.append(f"- {name}, {phase}: " + ", ".join(f"{t:.3f}" for t in records[0][phase]["times"]))
     return rows
 
@@ -294,7 +306,7 @@ def header(argv: list[str], setup: dict) -> list[str]:
         commit = "unknown"
     m = setup["model"]
     return [
-        "## Scale-out on 2 gloo CPU ranks: single process, TP, EP, FSDP2",
+        "## Scale-out on 2 gloo CPU ranks: single process, TP, EP, FSDP2, PP",
         "",
         f"Command: `{' '.join(['python benchmarks/bench_scaleout.py', *argv])}`",
         "",
@@ -310,7 +322,8 @@ def header(argv: list[str], setup: dict) -> list[str]:
         f"{m['n_routed_experts']} experts of {m['moe_intermediate_size']} (top-{m['num_experts_per_tok']}), "
         f"{m['num_attention_heads']} heads in {m['o_groups']} groups, vocabulary {m['vocab_size']}. "
         f"Global batch {setup['batch']} x {setup['seq']} "
-        "tokens: TP and EP ranks each run all of it, FSDP2 ranks half the rows each. Time: the slowest rank's, "
+        "tokens: TP, EP and PP ranks each run all of it (PP: one stage after the other), FSDP2 ranks half the rows "
+        "each. Time: the slowest rank's, "
         f"median of {setup['repeats']} after 1 warm-up; prefill: `use_cache=False`, `logits_to_keep=1`, no grad; "
         "training step: loss, backward, AdamW step. Peak RSS: `ru_maxrss` of a fresh rank process (forked after the "
         "imports, whose pages every rank counts; growth: over the RSS when the rank started); the training row's peak "

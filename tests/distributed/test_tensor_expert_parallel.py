@@ -8,7 +8,8 @@ shapes; buffers, sharded by quantized_parallel.py): each rank holds only its sli
 under TP + EP (transformers picks `all_to_all` when gradients flow) gives the single-process gradients (atol 1e-5,
 rtol 1e-4), including the shared KV head's and the compressor's, whose per-rank gradients are partial; also with the
 quantized storage (gradients of the parameters around the frozen FP8 / FP4 weights). Greedy `generate` with the
-cache on the ranks (dense TP, quantized TP + EP) gives the one-process tokens.
+cache on the ranks (dense TP, quantized TP + EP) gives the one-process tokens; DSpark drafting on TP ranks gives the
+one-process drafts and tokens.
 
 One spawn runs every scenario (process start-up and imports dominate on 2 cores); each test reads its result."""
 
@@ -32,6 +33,7 @@ SCENARIOS = {
     "fp4_tp": dict(tp_size=2),
     "fp4_ep_all_reduce": dict(tp_size=2, ep_size=2),
     "fp4_ep_all_to_all": dict(tp_size=2, ep_size=2, ep_implementation="all_to_all"),
+    "dspark_tp": dict(tp_size=2),
 }
 TRAINED = ("tp", "ep_all_reduce", "fp4_tp", "fp4_ep_all_reduce")
 # Kept like the official files: FP4 experts, FP8 linears (32x32 blocks: the tiny heads split into whole blocks), and
@@ -93,6 +95,45 @@ def _generate(model) -> torch.Tensor:
 GENERATED = ("tp", "fp4_ep_all_reduce")  # multi-rank inference with the cache: dense TP, quantized TP + EP
 
 
+def _dspark_generate(model) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """`generate(use_dspark=True)` (batch 1: the first prompt, 160 tokens, 16 new) with every draft recorded: returns
+    (tokens, the drafted ids of each round, their drafter logits)."""
+    from modeling_deepseek_v4.dspark_drafting import DeepseekV4DSparkCandidateGenerator as Generator
+
+    drafts, logits, original = [], [], Generator.get_candidates
+
+    def recording(self, input_ids, *args, **kwargs):
+        candidates, candidate_logits = original(self, input_ids, *args, **kwargs)
+        if candidate_logits is not None:
+            drafts.append(candidates[:, input_ids.shape[1] :].clone())
+            logits.append(candidate_logits.clone())
+        return candidates, candidate_logits
+
+    Generator.get_candidates = recording
+    try:
+        ids = _prompt()["input_ids"][:1]
+        kw = dict(max_new_tokens=16, do_sample=False, pad_token_id=0, eos_token_id=None)
+        out = model.generate(ids, use_dspark=True, **kw)
+    finally:
+        Generator.get_candidates = original
+    return out, drafts, logits
+
+
+def dspark_model():
+    """The tiny DSpark model of the generation tests: 5 main layers, a 3-stage drafter tapping layers 1-3, W = 4."""
+    from tests.conftest import tiny_model
+
+    return tiny_model(
+        "flash",
+        compress_ratios=[0, 0, 4, 8, 4, 0, 0, 0],
+        dspark_num_stages=3,
+        dspark_block_size=4,
+        dspark_noise_token_id=96,
+        dspark_target_layer_ids=[1, 2, 3],
+        dspark_markov_rank=8,
+    )
+
+
 def _local_shapes(model) -> dict[str, tuple[int, ...]]:
     """This rank's shapes of a few sharded tensors of layer 0 (a hash layer); quantized buffers as stored."""
     from torch.distributed.tensor import DTensor
@@ -150,7 +191,7 @@ def _worker(rank: int, port: int, folders: dict[str, str], out: str) -> None:
         head = {} if getattr(DeepseekV4ExtForCausalLM, "_tp_plan", None) else dict(CAUSAL_LM_TP_PLAN)
         results, failed = {}, None
         for name, kwargs in SCENARIOS.items():
-            folder = folders["fp4" if name.startswith("fp4") else "dense"]
+            folder = folders[name.split("_")[0] if name.startswith(("fp4", "dspark")) else "dense"]
             if failed:  # the ranks may be out of step after an unexpected error
                 results[name] = {"error": f"not run: {failed} failed", "trace": ""}
                 continue
@@ -162,6 +203,8 @@ def _worker(rank: int, port: int, folders: dict[str, str], out: str) -> None:
                 results[name] = {"logits": logits, "shapes": _local_shapes(model), "plan": dict(model.tp_plan)}
                 if name in GENERATED:
                     results[name]["generated"] = _generate(model)
+                if name == "dspark_tp":
+                    results[name]["dspark"] = _dspark_generate(model)
                 if name == "fp4_tp":  # every rank takes part in gathering the shards; rank 0 writes
                     model.save_pretrained(f"{out}/saved_fp4_tp")
                     model.to(torch.float32)  # a cast re-wraps the sharded buffers, leaving their bytes alone
@@ -184,6 +227,15 @@ def runs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tp_ep")
     folders, reference = {}, {}
+    model = dspark_model()
+    folders["dspark"] = str(root / "dspark")
+    model.save_pretrained(folders["dspark"])
+    with torch.no_grad():
+        reference["dspark"] = model(**_inputs(), use_cache=False).logits
+    reference["dspark_greedy"] = model.generate(
+        _prompt()["input_ids"][:1], max_new_tokens=16, do_sample=False, pad_token_id=0, eos_token_id=None
+    )
+    reference["dspark_drafted"] = _dspark_generate(model)
     for kind, overrides in (("dense", {}), ("fp4", QUANTIZED)):
         model = tiny_model("flash", **overrides)
         folders[kind] = str(root / kind)
@@ -278,6 +330,23 @@ def test_generate_on_ranks_matches_single_process(runs, name):
     assert expected.shape == (2, 168)
     for result in _ok(runs, name):
         assert torch.equal(result["generated"], expected)
+
+
+def test_dspark_drafting_on_tensor_parallel_ranks_matches_single_process(runs):
+    """DSpark drafting on TP ranks (main model sharded, the drafter replicated, reading the sharded embedding and
+    vocabulary-parallel head): the same drafts, drafter logits and tokens as one process, and plain greedy's tokens."""
+    reference, _ = runs
+    tokens, drafts, logits = reference["dspark_drafted"]
+    assert torch.equal(tokens, reference["dspark_greedy"]) and len(drafts) >= 4
+    for result in _ok(runs, "dspark_tp"):
+        torch.testing.assert_close(result["logits"], reference["dspark"], atol=ATOL, rtol=RTOL)
+        rank_tokens, rank_drafts, rank_logits = result["dspark"]
+        assert torch.equal(rank_tokens, tokens)
+        assert len(rank_drafts) == len(drafts)
+        for ours, theirs in zip(rank_drafts, drafts):
+            assert torch.equal(ours, theirs)
+        for ours, theirs in zip(rank_logits, logits):
+            torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=RTOL)
 
 
 def test_quantized_save_from_tensor_parallel_ranks_is_exact(runs):
