@@ -68,6 +68,21 @@ def tiny_model(schedule: str = "flash", seed: int = 0, **overrides) -> DeepseekV
     return model
 
 
+def tiny_dspark_model(block: int = 4, seed: int = 0) -> DeepseekV4ExtForCausalLM:
+    """The tiny -0731-shaped model: 5 main layers and a 3-stage DSpark drafter tapping layers 1-3 (vocabulary 97, noise
+    token 96, Markov rank 8, block size `block`)."""
+    return tiny_model(
+        "flash",
+        seed=seed,
+        compress_ratios=[0, 0, 4, 8, 4, 0, 0, 0],
+        dspark_num_stages=3,
+        dspark_block_size=block,
+        dspark_noise_token_id=96,
+        dspark_target_layer_ids=[1, 2, 3],
+        dspark_markov_rank=8,
+    )
+
+
 @pytest.fixture(params=sorted(SCHEDULES))
 def schedule(request) -> str:
     return request.param

@@ -18,32 +18,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tests.distributed.gloo import free_port, process_group
+from tests.distributed.inputs import greedy_generate as _generate
+from tests.distributed.inputs import padded_prompts as _prompt
+from tests.distributed.inputs import padded_rows as _inputs
 
 WORLD = 2
 ATOL = RTOL = 1e-5
 NUM_LAYERS = 5
 OVERRIDES = dict(num_hash_layers=4)
-
-
-def _inputs() -> dict[str, torch.Tensor]:
-    """Two rows of 24 tokens (several CSA / HCA entries, the indexer selecting), the second left-padded by 5."""
-    ids = torch.randint(2, 97, (2, 24), generator=torch.Generator().manual_seed(3))
-    mask = torch.ones_like(ids)
-    mask[1, :5] = 0
-    return {"input_ids": ids, "attention_mask": mask}
-
-
-def _prompt() -> dict[str, torch.Tensor]:
-    """Two prompts of 160 tokens (many compressed entries), the second left-padded by 20."""
-    ids = torch.randint(2, 97, (2, 160), generator=torch.Generator().manual_seed(4))
-    mask = torch.ones_like(ids)
-    mask[1, :20] = 0
-    return {"input_ids": ids, "attention_mask": mask}
-
-
-def _generate(model) -> torch.Tensor:
-    """Greedy decoding with the cache: 8 new tokens after `_prompt()`."""
-    return model.generate(**_prompt(), max_new_tokens=8, do_sample=False, pad_token_id=0)
 
 
 def _worker(rank: int, port: int, folder: str, out: str) -> None:

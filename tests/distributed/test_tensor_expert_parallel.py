@@ -23,6 +23,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tests.distributed.gloo import free_port, process_group
+from tests.distributed.inputs import greedy_generate as _generate
+from tests.distributed.inputs import padded_prompts as _prompt
+from tests.distributed.inputs import padded_rows as _inputs
 
 WORLD = 2
 ATOL = RTOL = 1e-5
@@ -71,27 +74,6 @@ QUANTIZED_GRAD_NAMES = (
 )
 
 
-def _inputs() -> dict[str, torch.Tensor]:
-    """Two rows of 24 tokens (several CSA / HCA entries, indexer top-k 3 really selects), the second left-padded."""
-    ids = torch.randint(2, 97, (2, 24), generator=torch.Generator().manual_seed(3))
-    mask = torch.ones_like(ids)
-    mask[1, :5] = 0
-    return {"input_ids": ids, "attention_mask": mask}
-
-
-def _prompt() -> dict[str, torch.Tensor]:
-    """Two prompts of 160 tokens (many compressed entries, the indexer selecting), the second left-padded by 20."""
-    ids = torch.randint(2, 97, (2, 160), generator=torch.Generator().manual_seed(4))
-    mask = torch.ones_like(ids)
-    mask[1, :20] = 0
-    return {"input_ids": ids, "attention_mask": mask}
-
-
-def _generate(model) -> torch.Tensor:
-    """Greedy decoding with the cache: 8 new tokens after `_prompt()`."""
-    return model.generate(**_prompt(), max_new_tokens=8, do_sample=False, pad_token_id=0)
-
-
 GENERATED = ("tp", "fp4_ep_all_reduce")  # multi-rank inference with the cache: dense TP, quantized TP + EP
 
 
@@ -117,21 +99,6 @@ def _dspark_generate(model) -> tuple[torch.Tensor, list[torch.Tensor], list[torc
     finally:
         Generator.get_candidates = original
     return out, drafts, logits
-
-
-def dspark_model():
-    """The tiny DSpark model of the generation tests: 5 main layers, a 3-stage drafter tapping layers 1-3, W = 4."""
-    from tests.conftest import tiny_model
-
-    return tiny_model(
-        "flash",
-        compress_ratios=[0, 0, 4, 8, 4, 0, 0, 0],
-        dspark_num_stages=3,
-        dspark_block_size=4,
-        dspark_noise_token_id=96,
-        dspark_target_layer_ids=[1, 2, 3],
-        dspark_markov_rank=8,
-    )
 
 
 def _local_shapes(model) -> dict[str, tuple[int, ...]]:
@@ -223,11 +190,11 @@ def runs(tmp_path_factory):
     """Single-process reference logits of both models and every scenario's result on both ranks."""
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with the gloo backend is not available in this build")
-    from tests.conftest import tiny_model
+    from tests.conftest import tiny_dspark_model, tiny_model
 
     root = tmp_path_factory.mktemp("tp_ep")
     folders, reference = {}, {}
-    model = dspark_model()
+    model = tiny_dspark_model()
     folders["dspark"] = str(root / "dspark")
     model.save_pretrained(folders["dspark"])
     with torch.no_grad():

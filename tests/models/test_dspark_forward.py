@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from modeling_deepseek_v4 import dspark_drafting
 from modeling_deepseek_v4.dspark_drafting import DeepseekV4DSparkCandidateGenerator, DSparkRing, context_keys
-from tests.conftest import tiny_model
+from tests.conftest import tiny_dspark_model
 
 ATOL = 1e-5
 KW = dict(pad_token_id=0, eos_token_id=None, do_sample=False)
@@ -32,16 +32,7 @@ def one_thread():
 
 
 def dspark_model(seed: int = 0):
-    model = tiny_model(
-        "flash",
-        seed=seed,
-        compress_ratios=[0, 0, 4, 8, 4, 0, 0, 0],
-        dspark_num_stages=3,
-        dspark_block_size=4,
-        dspark_noise_token_id=96,
-        dspark_target_layer_ids=[1, 2, 3],
-        dspark_markov_rank=8,
-    )
+    model = tiny_dspark_model(seed=seed)
     # Weights at the init scale (std 0.02) would leave the Markov bias and the confidence logit near zero and the
     # norm weights at 1: scale them so that a swapped norm or a dropped Markov term is far above the tolerance.
     with torch.no_grad():

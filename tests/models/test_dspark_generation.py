@@ -27,7 +27,7 @@ import torch
 import modeling_deepseek_v4.dspark_drafting as drafting
 from modeling_deepseek_v4 import DeepseekV4ExtForCausalLM
 from modeling_deepseek_v4.dspark_drafting import DeepseekV4DSparkCandidateGenerator, DSparkRing, context_keys
-from tests.conftest import tiny_config, tiny_model
+from tests.conftest import tiny_config, tiny_dspark_model, tiny_model
 from tests.conversion.official_synth import make_official_checkpoint
 
 KW = dict(pad_token_id=0, eos_token_id=None, do_sample=False)
@@ -41,17 +41,7 @@ def one_thread():
 
 def dspark_model(block: int = 4, seed: int = 0) -> DeepseekV4ExtForCausalLM:
     """The tiny direct DSpark model (5 main layers + 3 drafter stages, vocab 97)."""
-    model = tiny_model(
-        "flash",
-        seed=seed,
-        compress_ratios=[0, 0, 4, 8, 4, 0, 0, 0],
-        dspark_num_stages=3,
-        dspark_block_size=block,
-        dspark_noise_token_id=NOISE,
-        dspark_target_layer_ids=[1, 2, 3],
-        dspark_markov_rank=8,
-    )
-    return model
+    return tiny_dspark_model(block, seed)
 
 
 @pytest.fixture(scope="module")
