@@ -12,7 +12,11 @@ neither silently starts every decoding step with an empty cache:
 - `cache_of(outputs_or_kwargs)`: the cache held by a model / `generate` output or a `model_kwargs` dict;
 - `with_cache_aliases`: our output classes answer both `.cache` and `.past_key_values`, silently;
 - `peft_version_hint`: transformers >= 5.24 refuses `model.add_adapter` / `load_adapter` with PEFT < 0.22; the
-  error then says what works instead.
+  error then says what works instead;
+- `quiet_bitsandbytes_import`: PEFT imports bitsandbytes when it is installed, and on CPUs with AVX512-BF16
+  bitsandbytes 0.50 then logs that its optional `kernels` package (a faster CPU 4-bit GEMM from the Hub) is missing:
+  one stray line on every import of this package, in the CLIs' one-line errors too. Dropped while we import PEFT;
+  a user who imports bitsandbytes first still sees it.
 
 `TRANSFORMERS_REQUIREMENT` is the tested range (also written into saved folders' `requirements.txt`); widen its
 upper bound only after the whole suite passes on the new release (README, "Supported versions").
@@ -21,6 +25,7 @@ upper bound only after the whole suite passes on the new release (README, "Suppo
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import fields
 
 from transformers.modeling_outputs import MoeModelOutputWithPast
@@ -80,3 +85,19 @@ def peft_version_hint(method: str):
             "adapter and `peft.PeftModel.from_pretrained(model, adapter_dir)` to load one (both work with this "
             "model), or upgrade PEFT."
         ) from exc
+
+
+class _DropKernelsHint(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "kernels-community" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def quiet_bitsandbytes_import():
+    """Drop bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" warning inside the block."""
+    bnb_logger, hint = logging.getLogger("bitsandbytes.backends.cpu.ops"), _DropKernelsHint()
+    bnb_logger.addFilter(hint)
+    try:
+        yield
+    finally:
+        bnb_logger.removeFilter(hint)

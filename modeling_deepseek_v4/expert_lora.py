@@ -33,16 +33,18 @@ from torch import nn
 
 from .attention import DeepseekV4GroupedLinear
 from .bnb_quant import DeepseekV4Bnb4bitExperts, DeepseekV4Bnb4bitGroupedLinear
+from .compat import quiet_bitsandbytes_import
 from .expert_lora_parallel import gather_expert_factors, slice_expert_factors
 from .moe import DeepseekV4Experts
 from .parallel_plans import SumGradients, expert_group, local_tensor
 from .quantized_modules import DeepseekV4Fp8GroupedLinear, DeepseekV4QuantizedExperts
 from .reference_numerics import carry_numerics
 
-try:  # optional dependency
-    from peft import LoraConfig, PeftModel
-    from peft.tuners.lora import LoraLayer
-    from peft.tuners.tuners_utils import check_adapters_to_merge
+try:  # optional dependency (it imports bitsandbytes where installed: compat.quiet_bitsandbytes_import says why quiet)
+    with quiet_bitsandbytes_import():
+        from peft import LoraConfig, PeftModel
+        from peft.tuners.lora import LoraLayer
+        from peft.tuners.tuners_utils import check_adapters_to_merge
 except ImportError:
     LoraConfig = PeftModel = check_adapters_to_merge = None
     LoraLayer = object

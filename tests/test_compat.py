@@ -1,7 +1,10 @@
 """The transformers-version seam (modeling_deepseek_v4/compat.py) and the supported-version policy: the declared range
 is the tested range, and adapters work through PEFT on every supported transformers."""
 
+import logging
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +14,13 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 from modeling_deepseek_v4 import DeepseekV4Cache
-from modeling_deepseek_v4.compat import CACHE_FIELD, TRANSFORMERS_REQUIREMENT, cache_of, pick_cache
+from modeling_deepseek_v4.compat import (
+    CACHE_FIELD,
+    TRANSFORMERS_REQUIREMENT,
+    cache_of,
+    pick_cache,
+    quiet_bitsandbytes_import,
+)
 from tests.conftest import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,3 +103,18 @@ def test_peft_adapters_train_save_and_load_on_this_transformers(tmp_path):
         assert "peft.get_peft_model" in str(exc) and "PeftModel.from_pretrained" in str(exc)
     else:
         assert any("lora_A" in name for name, _ in plain.named_parameters())
+
+
+def test_bitsandbytes_kernels_hint_is_dropped_only_while_we_import_peft(caplog):
+    """bitsandbytes 0.50 on AVX512-BF16 CPUs logs a missing-`kernels` hint when PEFT imports it: not on our import."""
+    bnb_logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    hint = "Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'."
+    with caplog.at_level(logging.WARNING, logger=bnb_logger.name):
+        with quiet_bitsandbytes_import():
+            bnb_logger.warning(hint)
+            bnb_logger.warning("another bitsandbytes warning")
+        bnb_logger.warning(hint)
+    assert [r.getMessage() for r in caplog.records] == ["another bitsandbytes warning", hint]
+    # and importing the package prints nothing at all (on any CPU: the stray line came from that import)
+    run = subprocess.run([sys.executable, "-c", "import modeling_deepseek_v4"], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stderr.strip() == "" and run.stdout == "", run.stderr

@@ -31,8 +31,11 @@ def test_resize_token_embeddings_keeps_hash_routing_working(tmp_path):
         torch.testing.assert_close(model(ids).logits[..., :97], reference, atol=1e-6, rtol=0)
         logits = model(new_ids).logits  # tokens >= 97 used to raise IndexError in tid2eid
     model.save_pretrained(tmp_path)
-    with torch.no_grad():
-        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path)(new_ids).logits, logits)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    with torch.no_grad():  # weights out of the memory map: AVX-512 BLAS sums in an alignment-dependent order
+        for tensor in [*reloaded.parameters(), *reloaded.buffers()]:
+            tensor.data = tensor.data.clone()
+        assert torch.equal(reloaded(new_ids).logits, logits)
     model.resize_token_embeddings(90)
     assert all(t.shape[0] == 90 for t in hash_tables(model))
     with torch.no_grad():
