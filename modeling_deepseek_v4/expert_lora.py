@@ -14,7 +14,9 @@ Ranks: `LoraConfig.r`, or per projection with `rank_pattern={"experts.down_proj"
 matches, so PEFT itself ignores it; it is saved with the adapter). `rank_pattern={"experts.shared": 1}` shares one
 A / B pair across all experts (factors `[1, ...]`).
 Expert parallelism (`DistributedConfig(ep_size=...)`): each rank holds the factors of its own experts `[E_local, ...]`;
-shared factors are replicated and their gradients summed over the EP group. TP-split experts are refused.
+shared factors are replicated and their gradients summed over the EP group. TP-split experts are refused. Tensor
+parallelism splits `o_a_proj` by head groups: each rank holds its groups' factors `[g_local, ...]`. Saved adapters
+hold every expert's and group's factors either way (expert_lora_parallel.py).
 
 Merging: dense banks add `s * B_e A_e` in place (exact inverse on unmerge up to rounding). Quantized banks are
 dequantized, merged and re-quantized with the format's official rules; `merge_report` says how many blocks changed
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from types import SimpleNamespace
 
 import torch
@@ -36,7 +39,7 @@ from .bnb_quant import DeepseekV4Bnb4bitExperts, DeepseekV4Bnb4bitGroupedLinear
 from .compat import quiet_bitsandbytes_import
 from .expert_lora_parallel import gather_expert_factors, slice_expert_factors
 from .moe import DeepseekV4Experts
-from .parallel_plans import SumGradients, expert_group, local_tensor
+from .parallel_plans import SumGradients, expert_group, local_tensor, row_shard_group
 from .quantized_modules import DeepseekV4Fp8GroupedLinear, DeepseekV4QuantizedExperts
 from .reference_numerics import carry_numerics
 
@@ -50,6 +53,9 @@ except ImportError:
     LoraLayer = object
 
 logger = logging.getLogger(__name__)
+# PEFT adds its own TP hooks only to LoRA on "colwise" / "rowwise" bases and warns for any other plan. The only LoRA
+# target this package's plans mark "local_params" is `o_a_proj`, whose grouped LoRA shards its factors itself.
+warnings.filterwarnings("ignore", message='TP plan "local_params" on the base layer is not supported for LoRA')
 
 
 def _require_peft() -> None:
@@ -126,6 +132,15 @@ class _GroupedLoraLayer(nn.Module, LoraLayer):
         self.lora_B[adapter_name] = LoraFactors(shapes_b, device)
         self._init_factors(adapter_name, config.init_lora_weights)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+        if self.factor_group() is not None and not getattr(self, "_sharded_hooks", False):
+            # sharded base: saved adapters hold every expert's / group's factors, loaded ones give each rank its own
+            self.register_state_dict_post_hook(gather_expert_factors)
+            self.register_load_state_dict_pre_hook(slice_expert_factors)
+            self._sharded_hooks = True
+
+    def factor_group(self):
+        """The process group the factors' dim 0 is split over (the base is sharded), or None."""
+        return None
 
     @torch.no_grad()
     def _init_factors(self, adapter_name: str, init) -> None:
@@ -241,11 +256,9 @@ class DeepseekV4ExpertsLora(_GroupedLoraLayer):
     def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config, **kwargs) -> None:
         self.shared_factors = {**getattr(self, "shared_factors", {}), adapter_name: shared_expert_factors(config)}
         super().update_layer(adapter_name, r, lora_alpha, config, **kwargs)
-        if expert_group(self.get_base_layer()) is not None and not getattr(self, "_ep_hooks", False):
-            # expert parallelism: saved adapters hold every expert's factors, loaded ones give each rank its own
-            self.register_state_dict_post_hook(gather_expert_factors)
-            self.register_load_state_dict_pre_hook(slice_expert_factors)
-            self._ep_hooks = True
+
+    def factor_group(self):
+        return expert_group(self.get_base_layer())  # expert parallelism: this rank's experts
 
     def _factors(self, adapters: list[str], name: str) -> tuple[torch.Tensor, torch.Tensor]:
         group = expert_group(self.get_base_layer())
@@ -290,15 +303,22 @@ class DeepseekV4ExpertsLora(_GroupedLoraLayer):
 
 
 class DeepseekV4GroupedLinearLora(_GroupedLoraLayer):
-    """Grouped LoRA on `o_a_proj`: group j's slice `x_j` gets `s * B_j (A_j x_j)`, added to its own `d_g` rows."""
+    """Grouped LoRA on `o_a_proj`: group j's slice `x_j` gets `s * B_j (A_j x_j)`, added to its own `d_g` rows. Under
+    tensor parallelism the base holds this rank's groups (weight rows `Shard(0)`), and so do the factors: the groups
+    never mix, so each rank's factor gradients are already complete."""
 
     base_names = ("weight",)
 
+    def factor_group(self):
+        return row_shard_group(getattr(self.get_base_layer(), "weight", None))
+
     def _shapes(self, config, r: int):
         base = self.get_base_layer()
-        g = base.n_groups
+        g, d_g = base.n_groups, base.out_features // base.n_groups
+        if self.factor_group() is not None:  # tensor parallelism: this rank's groups, its rows of the weight
+            g = local_tensor(base.weight).shape[0] // d_g
         shapes_a = {"weight": (g, r, base.in_features)}
-        shapes_b = {"weight": (g, base.out_features // g, r)}
+        shapes_b = {"weight": (g, d_g, r)}
         return shapes_a, shapes_b, {"weight": r}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -173,6 +173,18 @@ def expert_group(base: nn.Module):
     return mesh.get_group() if mesh is not None else None
 
 
+def row_shard_group(t):
+    """The process group over which the DTensor `t`'s rows (dim 0) are split, or None (a plain tensor, rows whole):
+    `o_a_proj`'s weight under tensor parallelism (this rank's head groups), for its grouped LoRA (`expert_lora.py`)."""
+    mesh = getattr(t, "device_mesh", None)
+    if mesh is None:
+        return None
+    for dim, placement in enumerate(t.placements):
+        if placement.is_shard(0):
+            return mesh.get_group(dim)
+    return None
+
+
 class SumGradients(torch.autograd.Function):
     """Identity whose backward sums the gradient over `group` (a replicated tensor, each rank using it on its part)."""
 

@@ -145,9 +145,15 @@ class _Fp8Storage(_KeepsStorageDtype):
 
     @torch.no_grad()
     def load_dense(self, weight: torch.Tensor) -> None:
-        """Quantize a dense weight into this module (official power-of-two block rule)."""
+        """Quantize a dense weight into this module (official power-of-two block rule). In place where the shapes
+        match, so a sharded buffer (tensor parallelism: `weight` is this rank's slice) keeps its wrapper."""
         q, s = self.format.quantize(weight.detach(), self.weight_scale_inv.dtype)
-        self.weight, self.weight_scale_inv = q.to(self.weight.device), s.to(self.weight.device)
+        data, scale = self.stored("weight"), self.stored("weight_scale_inv")
+        if data.shape == q.shape and scale.shape == s.shape and data.device.type != "meta":
+            data.copy_(q)
+            scale.copy_(s)
+        else:
+            self.weight, self.weight_scale_inv = q.to(self.weight.device), s.to(self.weight.device)
 
 
 class DeepseekV4Fp8Linear(_Fp8Storage, nn.Linear):

@@ -11,7 +11,9 @@ holds the slice of its own experts. Against one process with the same factors (f
 - `save_pretrained` from the EP ranks writes the factors of all experts (the adapter equals one saved by one
   process), and loading it back into an EP model gives each rank its experts' factors (logits unchanged); a
   one-process model loads it too;
-- tensor parallelism alone (routed experts split along the intermediate dim) is refused with a clear error.
+- tensor parallelism alone (routed experts split along the intermediate dim) is refused with a clear error;
+- grouped LoRA on `o_a_proj` under tensor parallelism (`tp_size=2`: each rank holds its head groups' rows and
+  factors, set from the global group index), dense and FP8 (with expert LoRA under EP beside it): all of the above.
 
 One spawn runs both scenarios (process start-up and imports dominate on 2 cores); each test reads its result."""
 
@@ -31,35 +33,46 @@ from tests.distributed.test_tensor_expert_parallel import QUANTIZED, WORLD, _inp
 pytest.importorskip("peft")
 
 ATOL = RTOL = 1e-5
-SCENARIOS = {"per_expert": {}, "shared": {"rank_pattern": {"experts.shared": 1}}, "fp4_per_expert": {}}
-# The model of each scenario: dense, or kept like the official files (FP4 experts, FP8 linears: merging re-quantizes
-# this rank's experts, byte for byte as one process does).
-MODELS = {"per_expert": {}, "shared": {}, "fp4_per_expert": QUANTIZED}
+EXPERTS = r".*\.layers\.\d+\.mlp\.experts"  # not the MTP block's experts: no loss trains them here
+GROUPS = r".*\.layers\.\d+\.self_attn\.o_a_proj"
+EP = dict(tp_size=2, ep_size=2)
+# scenario: LoRA config keywords, targets, DistributedConfig keywords, model (dense, or kept like the official files:
+# FP4 experts, FP8 linears; merging re-quantizes this rank's experts / groups, byte for byte as one process does)
+SCENARIOS = {
+    "per_expert": ({}, EXPERTS, EP, {}),
+    "shared": ({"rank_pattern": {"experts.shared": 1}}, EXPERTS, EP, {}),
+    "fp4_per_expert": ({}, EXPERTS, EP, QUANTIZED),
+    "groups_tp": ({}, GROUPS, dict(tp_size=2), {}),
+    "fp8_groups_and_experts": ({}, f"{EXPERTS}|{GROUPS}", EP, QUANTIZED),
+}
 
 
 def _lora(model, scenario: str):
-    """`model` with grouped expert LoRA; every factor set from its name and the global expert index. Returns the
-    PEFT model and, per LoRA layer, the global index of its first local expert."""
+    """`model` with grouped LoRA; every factor set from its name and the global expert / group index. Returns the
+    PEFT model and, per LoRA layer, the global index of its first local expert / group."""
     from peft import get_peft_model
 
-    from modeling_deepseek_v4.expert_lora import DeepseekV4ExpertsLora, expert_lora_config
+    from modeling_deepseek_v4.expert_lora import DeepseekV4ExpertsLora, DeepseekV4GroupedLinearLora, expert_lora_config
 
-    num_experts = model.config.n_routed_experts
-    targets = r".*\.layers\.\d+\.mlp\.experts"  # not the MTP block's experts: no loss trains them here
-    model = get_peft_model(model, expert_lora_config(r=4, target_modules=targets, **SCENARIOS[scenario]))
+    kwargs, targets, _, _ = SCENARIOS[scenario]
+    model = get_peft_model(model, expert_lora_config(r=4, target_modules=targets, **kwargs))
     offsets = {}
     with torch.no_grad():
         for name, layer in model.named_modules():
-            if not isinstance(layer, DeepseekV4ExpertsLora):
+            if not isinstance(layer, (DeepseekV4ExpertsLora, DeepseekV4GroupedLinearLora)):
                 continue
-            bank = layer.get_base_layer().gate_up_proj
-            mesh = getattr(bank, "device_mesh", None)  # Shard(0) over the EP mesh: rank i holds a contiguous range
-            offsets[name] = mesh.get_local_rank() * bank.to_local().shape[0] if mesh is not None else 0
-            start = 0 if scenario == "shared" else offsets[name]  # shared factors: one pair, the same on every rank
+            experts = isinstance(layer, DeepseekV4ExpertsLora)
+            # Shard(0) over the EP / TP mesh: rank i holds a contiguous range of experts / groups
+            bank = layer.get_base_layer().gate_up_proj if experts else layer.get_base_layer().weight
+            mesh = getattr(bank, "device_mesh", None)
+            local = layer.lora_A["default"].gate_up_proj if experts else layer.lora_A["default"].weight
+            offsets[name] = mesh.get_local_rank() * local.shape[0] if mesh is not None else 0
+            shared = scenario == "shared"
+            start = 0 if shared else offsets[name]  # shared factors: one pair, the same on every rank
             for param_name, param in layer.named_parameters():
                 if "lora_" not in param_name:
                     continue
-                rows = 1 if scenario == "shared" else num_experts
+                rows = 1 if shared else model.config.n_routed_experts if experts else model.config.o_groups
                 seed = zlib.crc32(f"{name}.{param_name}".encode())
                 full = torch.randn(rows, *param.shape[1:], generator=torch.Generator().manual_seed(seed)) * 0.2
                 param.copy_(full[start : start + param.shape[0]])
@@ -104,7 +117,7 @@ def _worker(rank: int, port: int, folders: dict[str, str], out: str) -> None:
                 results[scenario] = {"error": f"not run: {failed} failed", "trace": ""}
                 continue
             try:
-                config = DistributedConfig(tp_plan=head or None, tp_size=2, ep_size=2)
+                config = DistributedConfig(tp_plan=head or None, **SCENARIOS[scenario][2])
                 folder = folders[scenario]
                 model = DeepseekV4ExtForCausalLM.from_pretrained(folder, distributed_config=config)
                 peft_model, offsets = _lora(model, scenario)
@@ -131,14 +144,14 @@ def runs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("lora_ep")
     reference, folders = {}, {}
-    for scenario, overrides in MODELS.items():
+    for scenario, (*_, overrides) in SCENARIOS.items():
         model = tiny_model("flash", **overrides)
         folders[scenario] = str(root / f"model_{scenario}")
         model.save_pretrained(folders[scenario])
         with torch.no_grad():
             reference[f"base_{scenario}"] = model(**_inputs(), use_cache=False).logits
     for scenario in SCENARIOS:
-        peft_model, offsets = _lora(tiny_model("flash", **MODELS[scenario]), scenario)
+        peft_model, offsets = _lora(tiny_model("flash", **SCENARIOS[scenario][3]), scenario)
         reference[scenario] = _run(peft_model, offsets)
         peft_model.save_pretrained(root / f"single_{scenario}")
     # fork, not spawn: the ranks inherit the imported modules (see test_tensor_expert_parallel.py)
@@ -172,8 +185,8 @@ def test_local_factor_gradients_match_single_process(runs, scenario):
         assert result["grads"].keys() == ref["grads"].keys() and len(ref["grads"]) >= 4  # A / B x 2 per layer
         for name, grad in result["grads"].items():
             layer = name.split(".lora_")[0]
-            if scenario == "per_expert":
-                assert grad.shape[0] == 2 and result[layer] == 2 * rank  # 2 of the 4 experts per rank
+            if scenario != "shared":  # 2 of the 4 experts, 1 of the 2 head groups per rank
+                assert grad.shape[0] * rank == result[layer] and grad.shape[0] == (1 if "o_a_proj" in name else 2)
             start = 0 if scenario == "shared" else result[layer]
             expected = ref["grads"][name][start : start + grad.shape[0]]
             torch.testing.assert_close(grad, expected, atol=ATOL, rtol=RTOL, msg=lambda m, k=name: f"{k}: {m}")
@@ -203,7 +216,7 @@ def test_adapter_saved_under_expert_parallelism_holds_every_expert(runs, scenari
     assert saved.keys() == single.keys() and len(saved) >= 4
     for key, tensor in saved.items():
         assert torch.equal(tensor, single[key]), key
-    model = load_expert_lora(tiny_model("flash", **MODELS[scenario]), root / f"adapter_{scenario}")
+    model = load_expert_lora(tiny_model("flash", **SCENARIOS[scenario][3]), root / f"adapter_{scenario}")
     with torch.no_grad():
         logits = model.eval()(**_inputs(), use_cache=False).logits
     torch.testing.assert_close(logits, reference[scenario]["logits"], atol=ATOL, rtol=RTOL)
