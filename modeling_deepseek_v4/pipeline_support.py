@@ -18,7 +18,8 @@ router)`, not one tensor. So, after the engine has split the model (`PipelinePar
   broadcast to every rank, so `generate` runs unchanged on all of them. Each rank's `DeepseekV4Cache` holds the state
   of its own layers only; its token counts advance identically on every stage.
 
-The schedule is transformers' naive one: one stage works at a time, so this buys capacity (each rank holds about
+With `tp_size > 1` too, each stage shards only its own modules (`_resolve_parallel_plans` drops the plan entries of
+other stages; transformers would look them up and fail). The schedule is transformers' naive one: one stage works at a time, so this buys capacity (each rank holds about
 1 / N of the layers), not speed. Not supported under PP (each raises `NotImplementedError`): training and `labels`
 (the engine has no backward across stages), the static cache, packed sequences, MTP / DSpark speculative decoding
 (`return_streams`), and `output_hidden_states` / `output_router_logits`.
@@ -59,6 +60,34 @@ class PipelineParallelMixin:
             prepare_pipeline_stage(model)
         return model
 
+    def _resolve_parallel_plans(self, distributed_config):
+        """The TP / EP / FSDP plans, under PP only the entries of this stage's modules: transformers resolves the
+        plans for the whole model, then splits it, then shards every plan entry, so with `tp_size > 1` a stage
+        would look for the embedding or layers another stage holds (KeyError)."""
+        plans = super()._resolve_parallel_plans(distributed_config)
+        mesh_manager = getattr(self, "_mesh_manager", None)
+        if distributed_config is None or distributed_config.pp_size <= 1 or mesh_manager is None:
+            return plans
+        from transformers.distributed.pipeline_parallel import PipelineStage
+
+        stage, prefix = PipelineStage(mesh_manager.get_mesh("pp")), self.base_model_prefix
+        num_layers = len(getattr(self, prefix).layers)
+
+        def here(name: str) -> bool:
+            owner = owning_stage(stage, f"{name}.", num_layers, prefix)
+            return owner is None or owner == stage.pp_rank
+
+        return tuple({name: style for name, style in plan.items() if here(name)} for plan in plans)
+
+
+def owning_stage(stage, key: str, num_layers: int, base_model_prefix: str) -> int | None:
+    """The PP rank holding checkpoint key `key`: the engine's rule (embedding first, layers by range, norm and head
+    last), plus `hc_head`, the MTP block and the DSpark drafter on the last stage; None for keys of every stage."""
+    owner = type(stage).find_rank_for_key(stage, key, num_layers, base_model_prefix)
+    if owner is None and key.startswith(tuple(f"{base_model_prefix}.{m}." for m in LAST_STAGE_MODULES)):
+        return stage.pp_size - 1
+    return owner
+
 
 def prepare_pipeline_stage(model: nn.Module) -> None:
     """Drop the final-streams modules on stages before the last, teach the stage who owns their checkpoint keys and
@@ -70,15 +99,7 @@ def prepare_pipeline_stage(model: nn.Module) -> None:
         base.hc_head = PipelineIdentityLayer()
         base.mtp = nn.ModuleList()
         base.dspark = None
-    engine_owner = stage.find_rank_for_key
-
-    def find_rank_for_key(key: str, num_layers: int, base_model_prefix: str) -> int | None:
-        owner = engine_owner(key, num_layers, base_model_prefix)
-        if owner is None and key.startswith(tuple(f"{base_model_prefix}.{m}." for m in LAST_STAGE_MODULES)):
-            return stage.pp_size - 1
-        return owner
-
-    stage.find_rank_for_key = find_rank_for_key
+    stage.find_rank_for_key = functools.partial(owning_stage, stage)
     signature_of = type(model).forward.__get__(model)
     signature = inspect.signature(signature_of)
 

@@ -4,7 +4,9 @@
 `PipelineIdentityLayer`), the first stage the embedding, the last `hc_head`, `norm`, the MTP block and `lm_head`,
 and no checkpoint key is reported missing or unexpected. The logits (fp32, atol 1e-5) and greedy `generate` with the
 cache (left-padded prompts of 160 tokens, 8 new tokens) equal one process on both ranks. Training raises
-`NotImplementedError` (the engine's schedule has no backward across stages).
+`NotImplementedError` (the engine's schedule has no backward across stages). PP with TP inside each stage
+(`pp_size=2, tp_size=2`, 4 ranks): each rank shards only its own stage's modules (transformers resolves the TP plan for
+the whole model before the split), and logits and greedy `generate` still equal one process.
 
 One spawn runs every check (process start-up and imports dominate on 2 cores); each test reads its result."""
 
@@ -135,3 +137,49 @@ def test_mtp_speculation_is_refused_on_every_stage(runs):
     _, results = runs
     for result in results:
         assert "use_mtp=True is not supported under pipeline parallelism" in result["mtp"], result["mtp"]
+
+
+def _pp_tp_worker(rank: int, port: int, folder: str, out: str) -> None:
+    result = {}
+    with process_group(rank, 4, port, timeout_s=120):
+        try:
+            from torch.distributed.tensor import DTensor
+            from transformers.distributed import DistributedConfig
+            from transformers.distributed.pipeline_parallel import PipelineIdentityLayer
+
+            from modeling_deepseek_v4 import DeepseekV4ExtForCausalLM
+
+            config = DistributedConfig(pp_size=2, tp_size=2)
+            model = DeepseekV4ExtForCausalLM.from_pretrained(folder, distributed_config=config).eval()
+            layers = [layer for layer in model.model.layers if not isinstance(layer, PipelineIdentityLayer)]
+            weight = layers[0].self_attn.q_b_proj.weight
+            result["q_b_proj"] = (isinstance(weight, DTensor), tuple(weight.to_local().shape), tuple(weight.shape))
+            with torch.no_grad():
+                result["logits"] = model(**_inputs(), use_cache=False).logits
+            result["generated"] = _generate(model)
+        except Exception as error:  # reported to the test
+            result = {"error": f"{type(error).__name__}: {error}", "trace": traceback.format_exc()}
+    torch.save(result, f"{out}/pp_tp_rank{rank}.pt")
+
+
+def test_pipeline_with_tensor_parallel_stages_matches_single_process(tmp_path):
+    """4 ranks: 2 stages x 2 TP ranks; every rank gets the one-process logits and tokens."""
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with the gloo backend is not available in this build")
+    from tests.conftest import tiny_model
+
+    model = tiny_model("flash", **OVERRIDES)
+    model.save_pretrained(tmp_path / "model")
+    with torch.no_grad():
+        logits = model(**_inputs(), use_cache=False).logits
+    generated = _generate(model)
+    args = (free_port(), str(tmp_path / "model"), str(tmp_path))
+    mp.start_processes(_pp_tp_worker, args=args, nprocs=4, start_method="fork")
+    results = [torch.load(tmp_path / f"pp_tp_rank{r}.pt", weights_only=False) for r in range(4)]
+    errors = [f"rank {rank}: {result['trace']}" for rank, result in enumerate(results) if "error" in result]
+    assert not errors, "\n".join(errors)
+    for result in results:
+        is_sharded, local, full = result["q_b_proj"]
+        assert is_sharded and local[0] * 2 == full[0]  # this stage's heads split over its 2 TP ranks
+        torch.testing.assert_close(result["logits"], logits, atol=ATOL, rtol=RTOL)
+        assert torch.equal(result["generated"], generated)
