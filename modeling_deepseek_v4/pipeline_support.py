@@ -19,10 +19,11 @@ router)`, not one tensor. So, after the engine has split the model (`PipelinePar
   of its own layers only; its token counts advance identically on every stage.
 
 With `tp_size > 1` too, each stage shards only its own modules (`_resolve_parallel_plans` drops the plan entries of
-other stages; transformers would look them up and fail). The schedule is transformers' naive one: one stage works at a time, so this buys capacity (each rank holds about
-1 / N of the layers), not speed. Not supported under PP (each raises `NotImplementedError`): training and `labels`
-(the engine has no backward across stages), the static cache, packed sequences, MTP / DSpark speculative decoding
-(`return_streams`), and `output_hidden_states` / `output_router_logits`.
+other stages; transformers would look them up and fail). The schedule is transformers' naive one: one stage works at
+a time, so this buys capacity (each rank holds about 1 / N of the layers), not speed. Not supported under PP (each
+raises `NotImplementedError`): training and `labels` (the engine has no backward across stages), the static cache,
+packed sequences, MTP / DSpark speculative decoding (`return_streams`), and `output_hidden_states` /
+`output_router_logits`.
 """
 
 from __future__ import annotations
