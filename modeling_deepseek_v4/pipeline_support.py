@@ -23,7 +23,8 @@ other stages; transformers would look them up and fail). The schedule is transfo
 a time, so this buys capacity (each rank holds about 1 / N of the layers), not speed. Not supported under PP (each
 raises `NotImplementedError`): training and `labels` (the engine has no backward across stages), the static cache,
 packed sequences, MTP / DSpark speculative decoding (`return_streams`), and `output_hidden_states` /
-`output_router_logits`.
+`output_router_logits`. `save_pretrained` from every rank writes the whole model (the stages' tensors joined on the
+first stage).
 """
 
 from __future__ import annotations
@@ -79,6 +80,27 @@ class PipelineParallelMixin:
             return owner is None or owner == stage.pp_rank
 
         return tuple({name: style for name, style in plan.items() if here(name)} for plan in plans)
+
+    def gather_sharded_state_dict_for_save(self, model_to_save, state_dict, distributed_config, **kwargs):
+        """As transformers' (TP / FSDP shards gathered), and under PP the stages' state dicts joined on the first
+        stage: each stage holds only its own modules, so transformers alone writes rank 0's layers and silently leaves
+        the rest out. A collective over the PP group (every rank calls `save_pretrained`, as for TP); the whole model
+        passes through the first stage's CPU memory, as it does for a TP save."""
+        stage = getattr(model_to_save, "_pp_stage", None)
+        if stage is None or stage.pp_size <= 1:
+            return super().gather_sharded_state_dict_for_save(model_to_save, state_dict, distributed_config, **kwargs)
+        writes = kwargs.pop("save_on_this_rank", True)
+        # every stage keeps its gathered TP shards (transformers empties them on ranks that do not write)
+        state_dict = super().gather_sharded_state_dict_for_save(
+            model_to_save, state_dict, distributed_config, save_on_this_rank=True, **kwargs
+        )
+        local = {key: value.detach().cpu() for key, value in state_dict.items()}
+        parts = [None] * stage.pp_size if stage.pp_is_first_stage else None
+        first = torch.distributed.get_global_rank(stage.pp_group, 0)
+        torch.distributed.gather_object(local, parts, dst=first, group=stage.pp_group)
+        if not (stage.pp_is_first_stage and writes):
+            return {}
+        return {key: value for part in parts for key, value in part.items()}
 
 
 def owning_stage(stage, key: str, num_layers: int, base_model_prefix: str) -> int | None:

@@ -58,6 +58,7 @@ def _worker(rank: int, port: int, folder: str, out: str) -> None:
                 result["logits"] = model(**_inputs(), use_cache=False).logits
                 result["logits_keep_1"] = model(**_inputs(), use_cache=False, logits_to_keep=1).logits
             result["generated"] = _generate(model)
+            model.save_pretrained(f"{out}/saved", is_main_process=rank == 0)  # every rank joins; rank 0 writes
             inputs = _inputs()
             try:  # raises on every rank before any communication
                 model.train()(**inputs, labels=inputs["input_ids"], use_cache=False)
@@ -87,7 +88,8 @@ def runs(tmp_path_factory):
     assert len(model.model.layers) == NUM_LAYERS and len(model.model.mtp) == 1
     model.save_pretrained(root / "model")
     with torch.no_grad():
-        reference = {"logits": model(**_inputs(), use_cache=False).logits}
+        reference = {"logits": model(**_inputs(), use_cache=False).logits, "state": model.state_dict()}
+    reference["saved"] = root / "saved"
     reference["generated"] = _generate(model)
     # fork, not spawn: the ranks inherit the imported modules (see test_tensor_expert_parallel.py)
     mp.start_processes(_worker, args=(free_port(), str(root / "model"), str(root)), nprocs=WORLD, start_method="fork")
@@ -157,6 +159,7 @@ def _pp_tp_worker(rank: int, port: int, folder: str, out: str) -> None:
             with torch.no_grad():
                 result["logits"] = model(**_inputs(), use_cache=False).logits
             result["generated"] = _generate(model)
+            model.save_pretrained(f"{out}/saved_pp_tp", is_main_process=rank == 0)
         except Exception as error:  # reported to the test
             result = {"error": f"{type(error).__name__}: {error}", "trace": traceback.format_exc()}
     torch.save(result, f"{out}/pp_tp_rank{rank}.pt")
@@ -183,3 +186,28 @@ def test_pipeline_with_tensor_parallel_stages_matches_single_process(tmp_path):
         assert is_sharded and local[0] * 2 == full[0]  # this stage's heads split over its 2 TP ranks
         torch.testing.assert_close(result["logits"], logits, atol=ATOL, rtol=RTOL)
         assert torch.equal(result["generated"], generated)
+    assert_saved_whole(tmp_path / "saved_pp_tp", model.state_dict())
+
+
+def assert_saved_whole(folder, expected: dict) -> None:
+    """The folder `save_pretrained` wrote from the ranks holds every tensor of the model, byte for byte."""
+    from safetensors.torch import load_file
+
+    saved = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        saved.update(load_file(shard))
+    assert sorted(saved) == sorted(expected)
+    for key, tensor in saved.items():
+        assert torch.equal(tensor, expected[key]), key
+
+
+def test_save_from_the_stages_writes_the_whole_model(runs):
+    """Each stage holds only its layers; the folder saved from both ranks holds all of them (and the MTP block, the
+    embedding, `hc_head` and the head), and loads in one process with the same logits."""
+    from modeling_deepseek_v4 import DeepseekV4ExtForCausalLM
+
+    reference, _ = runs
+    assert_saved_whole(reference["saved"], reference["state"])
+    model = DeepseekV4ExtForCausalLM.from_pretrained(reference["saved"]).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**_inputs(), use_cache=False).logits, reference["logits"], atol=0, rtol=0)
