@@ -27,9 +27,8 @@ import contextlib
 from collections.abc import Callable, Iterator
 
 import torch
-from transformers.generation.candidate_generator import CandidateGenerator
 
-from .mtp_speculation import MTPStats
+from .mtp_speculation import OwnDrafterCandidateGenerator
 from .ops import rms_norm
 from .reference_numerics import kv_fp8_roundtrip
 from .rope import apply_rope
@@ -167,23 +166,14 @@ def capture_taps(model) -> Iterator[dict[int, torch.Tensor]]:
             handle.remove()
 
 
-class DeepseekV4DSparkCandidateGenerator(CandidateGenerator):
+class DeepseekV4DSparkCandidateGenerator(OwnDrafterCandidateGenerator):
     """Drafts a block of `dspark_block_size` tokens per step with `model.model.dspark` (batch size 1)."""
-
-    requires_model_outputs = True
 
     def __init__(self, model, generation_config, input_ids, logits_processor, model_kwargs, taps: dict):
         drafter = model.model.dspark
         if drafter is None:
             raise ValueError("use_dspark=True needs a DSpark drafter (a -0731 / -DSpark checkpoint); none here.")
-        if input_ids.shape[0] != 1:
-            raise ValueError(
-                f"use_dspark=True supports batch size 1 only (transformers' assisted-decoding loop is "
-                f"single-sequence); got batch size {input_ids.shape[0]}. Generate the rows one by one."
-            )
-        mask = model_kwargs.get("attention_mask")
-        if mask is not None and not bool(mask.bool().all()):
-            raise ValueError("use_dspark=True does not support padded inputs; pass the unpadded sequence.")
+        super().__init__("use_dspark", generation_config, input_ids, logits_processor, model_kwargs)
         threshold = getattr(generation_config, "dspark_confidence_threshold", None)
         if threshold is not None and not 0.0 <= float(threshold) <= 1.0:
             raise ValueError(f"dspark_confidence_threshold must lie in [0, 1], got {threshold}.")
@@ -192,11 +182,6 @@ class DeepseekV4DSparkCandidateGenerator(CandidateGenerator):
         config = model.config
         self.block, self.noise = config.dspark_block_size, config.dspark_noise_token_id
         self.ring = DSparkRing(len(drafter.layers), config.sliding_window)
-        self.do_sample = bool(generation_config.do_sample)
-        self.logits_processor = logits_processor
-        self.max_length = generation_config.max_length
-        self.prefilled, self.last_drafted = False, 0
-        self.stats = MTPStats()
         model.last_dspark_stats = self.stats
 
     def _cos_sin(self, positions: torch.Tensor):
@@ -241,11 +226,10 @@ class DeepseekV4DSparkCandidateGenerator(CandidateGenerator):
 
         def pick(row: torch.Tensor, i: int) -> torch.Tensor:
             nonlocal context
-            if self.logits_processor is not None and len(self.logits_processor) > 0:
-                row.copy_(self.logits_processor(context, row))
-            token = torch.multinomial(row.softmax(-1), 1)[:, 0] if self.do_sample else row.argmax(-1)
-            context = torch.cat([context, token[:, None].to(context.device)], dim=1)
-            return token
+            token, processed = self._pick(row, context)
+            row.copy_(processed)  # the verifier compares against the processed draft logits
+            context = torch.cat([context, token.to(context.device)], dim=1)
+            return token[:, 0]
 
         tokens, logits, confidence = draft_block(
             self.drafter, embeds, self.ring, cos, sin, anchor, self.model.lm_head, pick
@@ -258,13 +242,6 @@ class DeepseekV4DSparkCandidateGenerator(CandidateGenerator):
         self.last_drafted = k
         candidates = torch.cat([input_ids, tokens[:, :k].to(input_ids.device)], dim=1)
         return candidates, logits[:, :k].to(input_ids.device)
-
-    def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int):
-        """Count drafted / accepted tokens into `model.last_dspark_stats` (called after each verification)."""
-        if self.prefilled:
-            self.stats.num_steps += 1
-            self.stats.num_drafted += self.last_drafted
-            self.stats.num_accepted += min(int(num_matches), self.last_drafted)
 
 
 __all__ = [

@@ -85,22 +85,51 @@ def build_mtp_candidate_generator(
     )
 
 
-class DeepseekV4MTPCandidateGenerator(CandidateGenerator):
-    """Drafts `num_drafts` tokens per step with `model.model.mtp[0]` and its own window cache (batch size 1)."""
+class OwnDrafterCandidateGenerator(CandidateGenerator):
+    """What the model's own drafters (the MTP block here, the DSpark drafter in dspark_drafting.py) share: batch size
+    1 and unpadded inputs, the draft pick (logits processors, then argmax or a sample) and the acceptance counts."""
 
     requires_model_outputs = True
+
+    def __init__(self, flag: str, generation_config, input_ids, logits_processor, model_kwargs):
+        if input_ids.shape[0] != 1:
+            raise ValueError(
+                f"{flag}=True supports batch size 1 only (transformers' assisted-decoding loop is single-sequence); "
+                f"got batch size {input_ids.shape[0]}. Generate the rows one by one, or drop {flag}."
+            )
+        mask = model_kwargs.get("attention_mask")
+        if mask is not None and not bool(mask.bool().all()):
+            raise ValueError(f"{flag}=True does not support padded inputs; pass the unpadded sequence.")
+        self.do_sample = bool(generation_config.do_sample)
+        self.logits_processor = logits_processor
+        self.max_length = generation_config.max_length
+        self.prefilled = False
+        self.last_drafted = 0
+        self.stats = MTPStats()
+
+    def _pick(self, logits: torch.Tensor, context: torch.LongTensor) -> tuple[torch.LongTensor, torch.Tensor]:
+        """Processed draft logits `[1, V]` and the draft token `[1, 1]` (argmax, or sampled when sampling)."""
+        if self.logits_processor is not None and len(self.logits_processor) > 0:
+            logits = self.logits_processor(context, logits)
+        if self.do_sample:
+            return torch.multinomial(logits.softmax(dim=-1), num_samples=1), logits
+        return logits.argmax(dim=-1, keepdim=True), logits
+
+    def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int):
+        """Count drafted / accepted tokens into the stats (called after each verification)."""
+        if self.prefilled:
+            self.stats.num_steps += 1
+            self.stats.num_drafted += self.last_drafted
+            self.stats.num_accepted += min(int(num_matches), self.last_drafted)
+
+
+class DeepseekV4MTPCandidateGenerator(OwnDrafterCandidateGenerator):
+    """Drafts `num_drafts` tokens per step with `model.model.mtp[0]` and its own window cache (batch size 1)."""
 
     def __init__(self, model, generation_config, input_ids, logits_processor, model_kwargs, num_drafts: int = 1):
         if len(model.model.mtp) == 0:
             raise ValueError("use_mtp=True needs an MTP block (config.num_nextn_predict_layers >= 1); none here.")
-        if input_ids.shape[0] != 1:
-            raise ValueError(
-                f"use_mtp=True supports batch size 1 only (transformers' assisted-decoding loop is single-sequence); "
-                f"got batch size {input_ids.shape[0]}. Generate the rows one by one, or drop use_mtp."
-            )
-        mask = model_kwargs.get("attention_mask")
-        if mask is not None and not bool(mask.bool().all()):
-            raise ValueError("use_mtp=True does not support padded inputs; pass the unpadded sequence.")
+        super().__init__("use_mtp", generation_config, input_ids, logits_processor, model_kwargs)
         if int(num_drafts) < 1:
             raise ValueError(f"mtp_num_drafts must be >= 1, got {num_drafts}.")
         self.model = model
@@ -110,15 +139,9 @@ class DeepseekV4MTPCandidateGenerator(CandidateGenerator):
         # Ask the verification forward for the final streams of its last positions: the whole call (k + 1 <= the
         # window) during decoding, the last `window` prompt positions at prefill (all the block can attend to).
         self.model_kwargs_overrides = {"return_streams": max(self.window, self.num_drafts + 1)}
-        self.do_sample = bool(generation_config.do_sample)
-        self.logits_processor = logits_processor
-        self.max_length = generation_config.max_length
         # Drafts 2..k are speculative positions of the block's own cache, undone before the next step.
         self.cache = DeepseekV4Cache(num_layers=1, rollback_tokens=self.num_drafts)
-        self.prefilled = False
         self.pending = 0  # speculative MTP positions (drafts 2..k) to roll back before the next step
-        self.last_drafted = 0
-        self.stats = MTPStats()
         model.last_mtp_stats = self.stats
 
     def _run_block(self, streams: torch.Tensor, ids: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,14 +158,6 @@ class DeepseekV4MTPCandidateGenerator(CandidateGenerator):
         self.cache.advance(lengths, s)
         head = self.model.lm_head
         return head(hidden[:, -1].to(head.weight.dtype)).float(), out_streams[:, -1:]
-
-    def _pick(self, logits: torch.Tensor, context: torch.LongTensor) -> tuple[torch.LongTensor, torch.Tensor]:
-        """Processed draft logits `[1, V]` and the draft token `[1, 1]` (argmax, or sampled when sampling)."""
-        if self.logits_processor is not None and len(self.logits_processor) > 0:
-            logits = self.logits_processor(context, logits)
-        if self.do_sample:
-            return torch.multinomial(logits.softmax(dim=-1), num_samples=1), logits
-        return logits.argmax(dim=-1, keepdim=True), logits
 
     @torch.no_grad()
     def get_candidates(
@@ -190,10 +205,3 @@ class DeepseekV4MTPCandidateGenerator(CandidateGenerator):
             drafted_logits.append(processed)
         self.last_drafted = k
         return candidate_ids, torch.stack(drafted_logits, dim=1)
-
-    def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int):
-        """Count drafted / accepted tokens into `model.last_mtp_stats` (called after each verification)."""
-        if self.prefilled:
-            self.stats.num_steps += 1
-            self.stats.num_drafted += self.last_drafted
-            self.stats.num_accepted += min(int(num_matches), self.last_drafted)
