@@ -82,7 +82,7 @@ class DeepseekV4CausalLMOutput(MoeCausalLMOutputWithPast):
 
 
 class DeepseekV4ExtPreTrainedModel(
-    PipelineParallelMixin, QuantizedParallelMixin, ExpertsImplementationMixin, DeepseekV4PretrainedIO, PreTrainedModel
+    QuantizedParallelMixin, PipelineParallelMixin, ExpertsImplementationMixin, DeepseekV4PretrainedIO, PreTrainedModel
 ):
     config: DeepseekV4ExtConfig
     config_class = DeepseekV4ExtConfig

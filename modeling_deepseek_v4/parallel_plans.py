@@ -169,13 +169,12 @@ def rewrap_like(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def expert_group(base: nn.Module):
     """The EP process group of experts sharded by transformers' `grouped_gemm` (their banks are DTensors), or None."""
     bank = getattr(base, "gate_up_proj", None) if getattr(base, "_is_expert_parallel", False) else None
-    mesh = getattr(bank, "device_mesh", None)
-    return mesh.get_group() if mesh is not None else None
+    return row_shard_group(bank)
 
 
 def row_shard_group(t):
     """The process group over which the DTensor `t`'s rows (dim 0) are split, or None (a plain tensor, rows whole):
-    `o_a_proj`'s weight under tensor parallelism (this rank's head groups), for its grouped LoRA (`expert_lora.py`)."""
+    expert banks under EP (this rank's experts), `o_a_proj`'s weight under TP (this rank's head groups)."""
     mesh = getattr(t, "device_mesh", None)
     if mesh is None:
         return None

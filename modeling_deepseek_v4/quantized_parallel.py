@@ -141,6 +141,8 @@ class QuantizedParallelMixin:
     too, and each FSDP2 unit holds one dtype (`fsdp_support.one_dtype_per_unit`: bf16 models with fp32 islands)."""
 
     def _resolve_parallel_plans(self, distributed_config):
+        # outermost: the plans come back resolved and, under PP, cut to this stage (pipeline_support.py), so only the
+        # buffers of modules this rank keeps are sharded
         taken = take_buffer_rules(self)
         tp_plan, ep_plan, fsdp_plan = super()._resolve_parallel_plans(distributed_config)
         fsdp_plan = one_dtype_per_unit(self, fsdp_plan)
