@@ -94,13 +94,24 @@ class PipelineParallelMixin:
         state_dict = super().gather_sharded_state_dict_for_save(
             model_to_save, state_dict, distributed_config, save_on_this_rank=True, **kwargs
         )
-        local = {key: value.detach().cpu() for key, value in state_dict.items()}
+        local = {key: _as_bytes(value) for key, value in state_dict.items()}
         parts = [None] * stage.pp_size if stage.pp_is_first_stage else None
         first = torch.distributed.get_global_rank(stage.pp_group, 0)
         torch.distributed.gather_object(local, parts, dst=first, group=stage.pp_group)
         if not (stage.pp_is_first_stage and writes):
             return {}
-        return {key: value for part in parts for key, value in part.items()}
+        return {key: _from_bytes(*value) for part in parts for key, value in part.items()}
+
+
+def _as_bytes(tensor: torch.Tensor) -> tuple[torch.dtype, tuple[int, ...], torch.Tensor]:
+    """(dtype, shape, uint8 bytes on the CPU): float8 / E8M0 tensors (kept FP8 / FP4 weights) do not survive the
+    pickling `gather_object` uses, bytes do."""
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    return tensor.dtype, tuple(tensor.shape), flat.view(torch.uint8)
+
+
+def _from_bytes(dtype: torch.dtype, shape: tuple[int, ...], data: torch.Tensor) -> torch.Tensor:
+    return data.view(dtype).reshape(shape)
 
 
 def owning_stage(stage, key: str, num_layers: int, base_model_prefix: str) -> int | None:

@@ -165,13 +165,16 @@ def _pp_tp_worker(rank: int, port: int, folder: str, out: str) -> None:
     torch.save(result, f"{out}/pp_tp_rank{rank}.pt")
 
 
-def test_pipeline_with_tensor_parallel_stages_matches_single_process(tmp_path):
-    """4 ranks: 2 stages x 2 TP ranks; every rank gets the one-process logits and tokens."""
+@pytest.mark.parametrize("storage", ["dense", "fp8_fp4"])
+def test_pipeline_with_tensor_parallel_stages_matches_single_process(tmp_path, storage):
+    """4 ranks: 2 stages x 2 TP ranks; every rank gets the one-process logits and tokens, also with the weights kept
+    like the official files (FP8 linears, FP4 experts: each stage shards only its own quantized buffers)."""
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with the gloo backend is not available in this build")
     from tests.conftest import tiny_model
+    from tests.distributed.test_tensor_expert_parallel import QUANTIZED
 
-    model = tiny_model("flash", **OVERRIDES)
+    model = tiny_model("flash", **OVERRIDES, **(QUANTIZED if storage == "fp8_fp4" else {}))
     model.save_pretrained(tmp_path / "model")
     with torch.no_grad():
         logits = model(**_inputs(), use_cache=False).logits
