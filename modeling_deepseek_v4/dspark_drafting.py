@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from .mtp_speculation import OwnDrafterCandidateGenerator
+from .mtp_speculation import OwnDrafterCandidateGenerator, refuse_other_drafters
 from .ops import rms_norm
 from .reference_numerics import kv_fp8_roundtrip
 from .rope import apply_rope
@@ -166,6 +166,25 @@ def capture_taps(model) -> Iterator[dict[int, torch.Tensor]]:
             handle.remove()
 
 
+def build_dspark_candidate_generator(
+    model,
+    generation_config,
+    input_ids: torch.LongTensor,
+    inputs_tensor: torch.Tensor | None,
+    logits_processor,
+    model_kwargs: dict,
+    assistant_model=None,
+    target_tokenizer=None,
+    assistant_tokenizer=None,
+) -> DeepseekV4DSparkCandidateGenerator:
+    """What `_get_candidate_generator` calls when `generate(use_dspark=True)` set `generation_config.use_dspark`; the
+    taps come from the hooks `generate` installed (`capture_taps`, `model._dspark_taps`)."""
+    refuse_other_drafters(generation_config, assistant_model, "use_dspark", "DSpark drafter")
+    return DeepseekV4DSparkCandidateGenerator(
+        model, generation_config, input_ids, logits_processor, model_kwargs, model._dspark_taps
+    )
+
+
 class DeepseekV4DSparkCandidateGenerator(OwnDrafterCandidateGenerator):
     """Drafts a block of `dspark_block_size` tokens per step with `model.model.dspark` (batch size 1)."""
 
@@ -247,6 +266,7 @@ class DeepseekV4DSparkCandidateGenerator(OwnDrafterCandidateGenerator):
 __all__ = [
     "DSparkRing",
     "DeepseekV4DSparkCandidateGenerator",
+    "build_dspark_candidate_generator",
     "capture_taps",
     "context_keys",
     "draft_block",

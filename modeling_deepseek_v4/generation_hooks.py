@@ -18,7 +18,7 @@ from transformers.generation import GenerationConfig, GenerationMode
 
 from .cache import DeepseekV4Cache
 from .compat import CACHE_FIELD, cache_of
-from .dspark_drafting import DeepseekV4DSparkCandidateGenerator, capture_taps
+from .dspark_drafting import build_dspark_candidate_generator, capture_taps
 from .mtp_speculation import build_mtp_candidate_generator
 from .static_cache import NO_ROLLBACK_MESSAGE, DeepseekV4StaticCache
 
@@ -126,20 +126,16 @@ class DeepseekV4GenerationHooks:
         )
 
     def _get_candidate_generator(self, generation_config, input_ids, *args, **kwargs):
-        """Size the cache for the assisted mode (`rollback_horizon`), then: with `use_mtp=True` the model's own MTP
-        block drafts (`DeepseekV4MTPCandidateGenerator`, mtp_speculation.py), else transformers' generators."""
+        """Size the cache for the assisted mode (`rollback_horizon`), then: with `use_dspark=True` / `use_mtp=True` the
+        model's own DSpark drafter / MTP block drafts (dspark_drafting.py, mtp_speculation.py), else transformers'
+        generators."""
         model_kwargs = kwargs.get("model_kwargs", args[2] if len(args) > 2 else {})
         cache = cache_of(model_kwargs)
         if isinstance(cache, DeepseekV4Cache):
             horizon = rollback_horizon(generation_config, input_ids.shape[-1], kwargs.get("assistant_model"))
             cache.ensure_rollback(horizon, exact=True)
         if getattr(generation_config, "use_dspark", False):
-            if kwargs.get("assistant_model") is not None or generation_config.prompt_lookup_num_tokens is not None:
-                raise ValueError("use_dspark=True drafts with the model's own drafter; drop assistant_model / lookup.")
-            logits_processor = kwargs.get("logits_processor", args[1] if len(args) > 1 else None)
-            return DeepseekV4DSparkCandidateGenerator(
-                self, generation_config, input_ids, logits_processor, model_kwargs, self._dspark_taps
-            )
+            return build_dspark_candidate_generator(self, generation_config, input_ids, *args, **kwargs)
         if generation_config.use_mtp:
             refuse_under_pipeline(self, "use_mtp=True")
             return build_mtp_candidate_generator(self, generation_config, input_ids, *args, **kwargs)

@@ -57,6 +57,14 @@ class MTPStats:
         return (self.num_steps + self.num_accepted) / self.num_steps if self.num_steps else 0.0
 
 
+def refuse_other_drafters(generation_config, assistant_model, flag: str, drafter: str) -> None:
+    """The model's own drafter drafts alone: an assistant model, prompt lookup or early exit would go unused."""
+    if assistant_model is not None or generation_config.prompt_lookup_num_tokens is not None:
+        raise ValueError(f"{flag}=True drafts with the model's own {drafter}; drop assistant_model / prompt lookup.")
+    if generation_config.assistant_early_exit is not None:
+        raise ValueError(f"{flag}=True cannot be combined with assistant_early_exit.")
+
+
 def build_mtp_candidate_generator(
     model,
     generation_config,
@@ -75,10 +83,7 @@ def build_mtp_candidate_generator(
     `generate(ids, generation_config=GenerationConfig(use_mtp=True, mtp_num_drafts=k))`; a plain
     `generate(..., mtp_num_drafts=k)` keyword is rejected by transformers' model-kwargs validation.
     """
-    if assistant_model is not None or generation_config.prompt_lookup_num_tokens is not None:
-        raise ValueError("use_mtp=True drafts with the model's own MTP block; drop assistant_model / prompt lookup.")
-    if generation_config.assistant_early_exit is not None:
-        raise ValueError("use_mtp=True cannot be combined with assistant_early_exit.")
+    refuse_other_drafters(generation_config, assistant_model, "use_mtp", "MTP block")
     num_drafts = getattr(generation_config, "mtp_num_drafts", None) or 1
     return DeepseekV4MTPCandidateGenerator(
         model, generation_config, input_ids, logits_processor, model_kwargs, num_drafts

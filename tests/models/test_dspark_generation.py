@@ -150,6 +150,9 @@ def test_errors_and_no_hooks_left_behind():
         model.generate(ids, max_new_tokens=4, use_dspark=True, dspark_confidence_threshold=1.5, **KW)
     with pytest.raises(ValueError, match="needs the DSpark drafter"):
         tiny_model().generate(ids, max_new_tokens=4, use_dspark=True, **KW)
+    with pytest.raises(ValueError, match="own DSpark drafter; drop assistant_model / prompt lookup"):
+        model.generate(ids, max_new_tokens=4, use_dspark=True, prompt_lookup_num_tokens=3, **KW)
+    assert target_hooks(model) == [0, 0, 0]
 
     greedy = model.generate(ids, max_new_tokens=12, **KW)
     assert model.generate(ids, max_new_tokens=12, use_dspark=True, **KW).tolist() == greedy.tolist()

@@ -134,6 +134,8 @@ def test_batch_and_padding_are_refused_clearly():
     mask[0, :2] = 0
     with pytest.raises(ValueError, match="padded"):
         model.generate(prompt(10, 9), attention_mask=mask, max_new_tokens=4, use_mtp=True, **KW)
+    with pytest.raises(ValueError, match="own MTP block; drop assistant_model / prompt lookup"):
+        model.generate(prompt(10, 9), max_new_tokens=4, use_mtp=True, prompt_lookup_num_tokens=3, **KW)
 
 
 def test_generation_config_object_sets_drafts_and_forward_default_is_unchanged():
