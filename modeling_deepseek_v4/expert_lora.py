@@ -94,6 +94,12 @@ def _check_config(config, layer: str) -> None:
         raise ValueError(f"{layer}: DoRA is not supported by the grouped LoRA layers; set use_dora=False")
 
 
+def _stored(base: nn.Module, name: str) -> torch.Tensor:
+    """This rank's local tensor `name` of a LoRA base (a quantized buffer or a parameter; a slice when the base is
+    sharded by tensor / expert parallelism, quantized_parallel.py)."""
+    return base.stored(name) if hasattr(base, "stored") else local_tensor(getattr(base, name))
+
+
 class _GroupedLoraLayer(nn.Module, LoraLayer):
     """Shared PEFT plumbing: factors per adapter, init, merge / unmerge bookkeeping. Subclasses give the shapes
     (`_shapes`), the forward, and the delta of each base tensor (`_delta`)."""
@@ -197,9 +203,8 @@ class _GroupedLoraLayer(nn.Module, LoraLayer):
             return
         if self._quantized_backup is not None:  # restore the quantized bytes saved before the first merge
             base = self.get_base_layer()
-            read = getattr(base, "stored", None) or (lambda n: getattr(base, n))
             for name, saved in self._quantized_backup.items():
-                read(name).copy_(saved)
+                _stored(base, name).copy_(saved)
             self._quantized_backup = None
             self.merged_adapters.clear()
             return
@@ -213,18 +218,17 @@ class _GroupedLoraLayer(nn.Module, LoraLayer):
         stored = getattr(base, "_quantized_buffers", None)
         if not stored:
             for name, delta in deltas.items():
-                weight = local_tensor(getattr(base, name))  # expert parallelism: this rank's experts, like its factors
+                weight = _stored(base, name)  # expert parallelism: this rank's experts, like its factors
                 delta = delta.to(weight.dtype)
                 # shared expert factors give one [1, out, in] delta for the whole [E, out, in] bank
                 weight.add_(delta.expand_as(weight) if delta.shape != weight.shape else delta, alpha=sign)
             return
-        # this rank's slice when the storage is sharded (tensor / expert parallelism: quantized_parallel.py)
-        read = getattr(base, "stored", None) or (lambda n: getattr(base, n))
-        before = {n: read(n).clone() for n in stored}
+        before = {n: _stored(base, n).clone() for n in stored}
         if self._quantized_backup is None:  # the bytes before the first merge: what unmerge restores
             self._quantized_backup = before
         self._requantize(base, deltas)
-        changed = sum(int((read(n) != before[n]).reshape(before[n].shape[0], -1).any(-1).sum()) for n in stored)
+        rows_changed = ((_stored(base, n) != before[n]).reshape(before[n].shape[0], -1).any(-1) for n in stored)
+        changed = sum(int(rows.sum()) for rows in rows_changed)
         self.merge_report = {
             "quantized_rows_changed": changed,
             "quantized_rows": sum(t.shape[0] for t in before.values()),
@@ -261,7 +265,7 @@ class DeepseekV4ExpertsLora(_GroupedLoraLayer):
         return expert_group(self.get_base_layer())  # expert parallelism: this rank's experts
 
     def _factors(self, adapters: list[str], name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        group = expert_group(self.get_base_layer())
+        group = self.factor_group()
         if group is None or not any(self.shared_factors.get(ad) for ad in adapters):
             return super()._factors(adapters, name)
         # Expert parallelism: shared factors are replicated, but each rank trains them on its own experts' rows only
