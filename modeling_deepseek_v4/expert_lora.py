@@ -37,7 +37,7 @@ from torch import nn
 from .attention import DeepseekV4GroupedLinear
 from .bnb_quant import DeepseekV4Bnb4bitExperts, DeepseekV4Bnb4bitGroupedLinear
 from .compat import quiet_bitsandbytes_import
-from .expert_lora_parallel import gather_expert_factors, slice_expert_factors
+from .expert_lora_parallel import gather_sharded_factors, slice_sharded_factors
 from .moe import DeepseekV4Experts
 from .parallel_plans import SumGradients, expert_group, local_tensor, row_shard_group
 from .quantized_modules import DeepseekV4Fp8GroupedLinear, DeepseekV4QuantizedExperts
@@ -140,8 +140,8 @@ class _GroupedLoraLayer(nn.Module, LoraLayer):
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
         if self.factor_group() is not None and not getattr(self, "_sharded_hooks", False):
             # sharded base: saved adapters hold every expert's / group's factors, loaded ones give each rank its own
-            self.register_state_dict_post_hook(gather_expert_factors)
-            self.register_load_state_dict_pre_hook(slice_expert_factors)
+            self.register_state_dict_post_hook(gather_sharded_factors)
+            self.register_load_state_dict_pre_hook(slice_sharded_factors)
             self._sharded_hooks = True
 
     def factor_group(self):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 
-def _per_expert_keys(layer: nn.Module, prefix: str):
+def _sharded_factor_keys(layer: nn.Module, prefix: str):
     """(state-dict key, local factor) of the per-expert / per-group factors `[E_local or g_local, ...]` (not the shared
     expert factors `[1, ...]`)."""
     shared = getattr(layer, "shared_factors", {})
@@ -26,13 +26,13 @@ def _per_expert_keys(layer: nn.Module, prefix: str):
                     yield f"{prefix}{kind}.{adapter}.{name}", param
 
 
-def gather_expert_factors(layer, state_dict, prefix, local_metadata) -> None:
+def gather_sharded_factors(layer, state_dict, prefix, local_metadata) -> None:
     """State-dict post-hook on sharded bases: each rank's `[E_local, ...]` (`[g_local, ...]`) factors gathered into
     `[E, ...]` (`[g, ...]`; rank order is expert / group order: the bases are `Shard(0)`), so a saved adapter holds
     every expert and group and loads anywhere. A collective: every rank of the group calls `state_dict()` (PEFT's
     `save_pretrained` does, on all ranks, and so does the Trainer for models sharded at load)."""
     group = layer.factor_group()
-    for key, _ in _per_expert_keys(layer, prefix):
+    for key, _ in _sharded_factor_keys(layer, prefix):
         if key in state_dict:
             local = state_dict[key].detach().contiguous()
             parts = [torch.empty_like(local) for _ in range(torch.distributed.get_world_size(group))]
@@ -40,14 +40,14 @@ def gather_expert_factors(layer, state_dict, prefix, local_metadata) -> None:
             state_dict[key] = torch.cat(parts)
 
 
-def slice_expert_factors(layer, state_dict, prefix, *args) -> None:
+def slice_sharded_factors(layer, state_dict, prefix, *args) -> None:
     """Load pre-hook on sharded bases: factors saved for all experts / groups keep this rank's slice."""
     group = layer.factor_group()
     rank, size = torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
-    for key, param in _per_expert_keys(layer, prefix):
+    for key, param in _sharded_factor_keys(layer, prefix):
         full = state_dict.get(key)
         if full is not None and full.shape[0] == param.shape[0] * size and size > 1:
             state_dict[key] = full[rank * param.shape[0] : (rank + 1) * param.shape[0]]
 
 
-__all__ = ["gather_expert_factors", "slice_expert_factors"]
+__all__ = ["gather_sharded_factors", "slice_sharded_factors"]
