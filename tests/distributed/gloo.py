@@ -31,3 +31,16 @@ def process_group(rank: int, world: int, port: int, timeout_s: float = 120) -> I
         yield
     finally:
         dist.destroy_process_group()
+
+
+def fork_ranks(worker, world: int, *args, out) -> list:
+    """Run `worker(rank, port, *args, out)` on `world` forked gloo ranks (forked: they inherit the imported modules,
+    re-importing transformers costs ~15 s per rank on 2 cores; the parent must not have initialized a process group)
+    and return what each rank saved to `{out}/rank{rank}.pt`. Skips the test where torch has no gloo backend."""
+    import pytest
+    import torch.multiprocessing as mp
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with the gloo backend is not available in this build")
+    mp.start_processes(worker, args=(free_port(), *args, str(out)), nprocs=world, start_method="fork")
+    return [torch.load(f"{out}/rank{rank}.pt", weights_only=False) for rank in range(world)]

@@ -25,9 +25,8 @@ import zlib
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from tests.distributed.gloo import free_port, process_group
+from tests.distributed.gloo import fork_ranks, process_group
 from tests.distributed.test_tensor_expert_parallel import QUANTIZED, WORLD, _inputs
 
 pytest.importorskip("peft")
@@ -137,9 +136,7 @@ def _worker(rank: int, port: int, folders: dict[str, str], out: str) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Single-process results of both scenarios (and the logits without LoRA) and both ranks' results."""
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with the gloo backend is not available in this build")
+    """Single-process results of every scenario (and the logits without LoRA) and both ranks' results."""
     from tests.conftest import tiny_model
 
     root = tmp_path_factory.mktemp("lora_ep")
@@ -154,10 +151,9 @@ def runs(tmp_path_factory):
         peft_model, offsets = _lora(tiny_model("flash", **SCENARIOS[scenario][3]), scenario)
         reference[scenario] = _run(peft_model, offsets)
         peft_model.save_pretrained(root / f"single_{scenario}")
-    # fork, not spawn: the ranks inherit the imported modules (see test_tensor_expert_parallel.py)
-    mp.start_processes(_worker, args=(free_port(), folders, str(root)), nprocs=WORLD, start_method="fork")
+    ranks = fork_ranks(_worker, WORLD, folders, out=root)
     reference["root"] = root
-    return reference, [torch.load(root / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return reference, ranks
 
 
 def _ok(runs, scenario: str) -> list[dict]:

@@ -16,10 +16,8 @@ import traceback
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from tests.distributed.gloo import free_port, process_group
+from tests.distributed.gloo import fork_ranks, process_group
 from tests.distributed.inputs import greedy_generate as _generate
 from tests.distributed.inputs import padded_prompts as _prompt
 from tests.distributed.inputs import padded_rows as _inputs
@@ -79,8 +77,6 @@ def _worker(rank: int, port: int, folder: str, out: str) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Single-process reference logits / tokens and both ranks' results."""
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with the gloo backend is not available in this build")
     from tests.conftest import tiny_model
 
     root = tmp_path_factory.mktemp("pp")
@@ -91,9 +87,7 @@ def runs(tmp_path_factory):
         reference = {"logits": model(**_inputs(), use_cache=False).logits, "state": model.state_dict()}
     reference["saved"] = root / "saved"
     reference["generated"] = _generate(model)
-    # fork, not spawn: the ranks inherit the imported modules (see test_tensor_expert_parallel.py)
-    mp.start_processes(_worker, args=(free_port(), str(root / "model"), str(root)), nprocs=WORLD, start_method="fork")
-    results = [torch.load(root / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    results = fork_ranks(_worker, WORLD, str(root / "model"), out=root)
     # every rank's trace: a rank that failed first leaves its peer a "connection closed" error
     errors = [f"rank {rank}: {result['trace']}" for rank, result in enumerate(results) if "error" in result]
     assert not errors, "\n".join(errors)
@@ -162,15 +156,13 @@ def _pp_tp_worker(rank: int, port: int, folder: str, out: str) -> None:
             model.save_pretrained(f"{out}/saved_pp_tp", is_main_process=rank == 0)
         except Exception as error:  # reported to the test
             result = {"error": f"{type(error).__name__}: {error}", "trace": traceback.format_exc()}
-    torch.save(result, f"{out}/pp_tp_rank{rank}.pt")
+    torch.save(result, f"{out}/rank{rank}.pt")
 
 
 @pytest.mark.parametrize("storage", ["dense", "fp8_fp4"])
 def test_pipeline_with_tensor_parallel_stages_matches_single_process(tmp_path, storage):
     """4 ranks: 2 stages x 2 TP ranks; every rank gets the one-process logits and tokens, also with the weights kept
     like the official files (FP8 linears, FP4 experts: each stage shards only its own quantized buffers)."""
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with the gloo backend is not available in this build")
     from tests.conftest import tiny_model
     from tests.distributed.test_tensor_expert_parallel import QUANTIZED
 
@@ -179,9 +171,7 @@ def test_pipeline_with_tensor_parallel_stages_matches_single_process(tmp_path, s
     with torch.no_grad():
         logits = model(**_inputs(), use_cache=False).logits
     generated = _generate(model)
-    args = (free_port(), str(tmp_path / "model"), str(tmp_path))
-    mp.start_processes(_pp_tp_worker, args=args, nprocs=4, start_method="fork")
-    results = [torch.load(tmp_path / f"pp_tp_rank{r}.pt", weights_only=False) for r in range(4)]
+    results = fork_ranks(_pp_tp_worker, 4, str(tmp_path / "model"), out=tmp_path)
     errors = [f"rank {rank}: {result['trace']}" for rank, result in enumerate(results) if "error" in result]
     assert not errors, "\n".join(errors)
     for result in results:

@@ -19,10 +19,8 @@ import traceback
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from tests.distributed.gloo import free_port, process_group
+from tests.distributed.gloo import fork_ranks, process_group
 from tests.distributed.inputs import greedy_generate as _generate
 from tests.distributed.inputs import padded_prompts as _prompt
 from tests.distributed.inputs import padded_rows as _inputs
@@ -188,8 +186,6 @@ def _worker(rank: int, port: int, folders: dict[str, str], out: str) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Single-process reference logits of both models and every scenario's result on both ranks."""
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with the gloo backend is not available in this build")
     from tests.conftest import tiny_dspark_model, tiny_model
 
     root = tmp_path_factory.mktemp("tp_ep")
@@ -215,11 +211,9 @@ def runs(tmp_path_factory):
         model.train()(**inputs, labels=inputs["input_ids"], use_cache=False).loss.backward()
         names = GRAD_NAMES if kind == "dense" else QUANTIZED_GRAD_NAMES
         reference[f"{kind}_grads"] = {n: p.grad for n, p in model.named_parameters() if n in names}
-    # fork, not spawn: the ranks inherit the imported modules (re-importing transformers costs ~15 s per rank on 2
-    # cores); the parent ran torch on 1 thread only and never initialized a process group.
-    mp.start_processes(_worker, args=(free_port(), folders, str(root)), nprocs=WORLD, start_method="fork")
+    ranks = fork_ranks(_worker, WORLD, folders, out=root)  # the parent ran torch on 1 thread only
     reference["saved_fp4_tp"] = root / "saved_fp4_tp"
-    return reference, [torch.load(root / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return reference, ranks
 
 
 def _ok(runs, name: str) -> list[dict]:
